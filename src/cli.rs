@@ -1,0 +1,678 @@
+//! The command line: global flags, one command and its flags, parsed with lexopt in two stages
+//! (as typed, then checked into typed values), and the help texts. No I/O besides reading the
+//! environment variables that stand in for flags.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use lexopt::prelude::*;
+
+use crate::addr::{self, AddrError, AddrRange};
+
+pub const DEFAULT_CLUSTER_STORE: &str = "http://127.0.0.1:2379";
+pub const DEFAULT_STORE_PREFIX: &str = "/talkingdata";
+pub const DEFAULT_SOCKET: &str = "/run/docker/plugins/talkingdata.sock";
+pub const DEFAULT_TIMEOUT_SECS: f64 = 3.0;
+pub const DEFAULT_NETWORK: &str = "mynet";
+pub const DEFAULT_BRIDGE: &str = "br0";
+pub const DEFAULT_MTU: u32 = 1500;
+pub const DEFAULT_IFCFG_DIR: &str = "/etc/sysconfig/network-scripts";
+
+pub const HELP: &str = "\
+oam-docker-ipam: Docker IPAM plugin with address pools in etcd
+
+Usage: oam-docker-ipam [GLOBAL FLAGS] COMMAND [FLAGS]
+
+Commands:
+  server          serve Docker's remote IPAM protocol on a Unix socket
+  ip-range        add a range of container addresses to the pool
+  release-ip      give a container address back to the pool
+  host-range      add a range of host addresses and the hosts' gateway
+  release-host    give a host address back to the pool
+  create-network  take this host's address, create the Docker network and br0's config
+
+Global flags:
+  --cluster-store URLS  etcd endpoints, comma-separated [env CLUSTER_STORE]
+                        (default http://127.0.0.1:2379)
+  --store-prefix PATH   etcd key prefix of this installation (default /talkingdata)
+  --timeout SECONDS     time limit of each etcd request (default 3)
+  --debug               log debug messages [env DEBUG=true]
+  -h, --help            print help (also: COMMAND --help)
+  -V, --version         print the version
+";
+
+const SERVER_HELP: &str = "\
+Usage: oam-docker-ipam [GLOBAL FLAGS] server [--socket PATH]
+
+Serve Docker's remote IPAM protocol. The driver name is the socket's file name
+without .sock. Under systemd socket activation the inherited socket is served.
+
+Flags:
+  --socket PATH  Unix socket to listen on
+                 (default /run/docker/plugins/talkingdata.sock)
+";
+
+const IP_RANGE_HELP: &str = "\
+Usage: oam-docker-ipam [GLOBAL FLAGS] ip-range --ip-start A/N --ip-end B/N
+
+Add every address from A to B (both in the same /N network) to that network's
+container pool. Addresses in use, the network and broadcast addresses and the
+hosts' gateway are not pooled. Running it again changes nothing.
+
+Flags:
+  --ip-start A/N  first address of the range, with its prefix length
+  --ip-end B/N    last address of the range, with the same prefix length
+";
+
+const RELEASE_IP_HELP: &str = "\
+Usage: oam-docker-ipam [GLOBAL FLAGS] release-ip --ip A/N
+
+Give a container address back to the pool of its network, whoever holds it.
+
+Flags:
+  --ip A/N  the address, with its network's prefix length
+";
+
+const HOST_RANGE_HELP: &str = "\
+Usage: oam-docker-ipam [GLOBAL FLAGS] host-range --ip-start A/N --ip-end B/N --gateway G
+
+Add every address from A to B to the host pool and record the hosts' subnet and
+gateway. The gateway must be in the subnet and is never pooled.
+
+Flags:
+  --ip-start A/N  first host address, with its prefix length
+  --ip-end B/N    last host address, with the same prefix length
+  --gateway G     the hosts' router
+";
+
+const RELEASE_HOST_HELP: &str = "\
+Usage: oam-docker-ipam [GLOBAL FLAGS] release-host --ip A
+
+Give a host address back to the host pool, whoever holds it.
+
+Flags:
+  --ip A  the host address
+";
+
+const CREATE_NETWORK_HELP: &str = "\
+Usage: oam-docker-ipam [GLOBAL FLAGS] create-network [FLAGS]
+
+Take this host's address from the host pool, create the Docker network with the
+talkingdata IPAM driver, write ifcfg-br0 and enslave the physical interface to
+it, then restart the network service. On failure every step done is undone.
+
+Flags:
+  --ip A             this host's address (default: any free one)
+  --name NAME        Docker network name (default mynet)
+  --bridge NAME      bridge device (default br0)
+  --mtu N            MTU of the bridge (default 1500)
+  --interface NAME   physical interface to enslave (default: the interface of
+                     the route to the hosts' gateway)
+  --ifcfg-dir DIR    ifcfg directory (default /etc/sysconfig/network-scripts)
+  --force            replace an existing, different ifcfg file of the bridge
+  --no-restart       do not stop NetworkManager nor restart the network service
+  --dry-run          print every step and change nothing
+";
+
+/// Why the command line was refused. Exit status 2.
+#[derive(Debug)]
+pub enum UsageError {
+    /// lexopt's own complaint: an unknown flag, a missing value, a stray argument.
+    Parse(lexopt::Error),
+    /// No command was given.
+    NoCommand,
+    /// The first positional argument names no command.
+    UnknownCommand(String),
+    /// A required flag is missing.
+    Missing {
+        command: &'static str,
+        flag: &'static str,
+    },
+    /// A flag's value does not parse.
+    Invalid {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// An address, range or network is refused.
+    Addr {
+        flag: &'static str,
+        error: AddrError,
+    },
+}
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UsageError::Parse(e) => write!(f, "{e}"),
+            UsageError::NoCommand => write!(f, "no command given (try --help)"),
+            UsageError::UnknownCommand(c) => write!(f, "unknown command {c:?} (try --help)"),
+            UsageError::Missing { command, flag } => write!(f, "{command} needs {flag}"),
+            UsageError::Invalid {
+                flag,
+                value,
+                reason,
+            } => {
+                write!(f, "invalid {flag} {value:?}: {reason}")
+            }
+            UsageError::Addr { flag, error } => write!(f, "{flag}: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+impl From<lexopt::Error> for UsageError {
+    fn from(e: lexopt::Error) -> UsageError {
+        UsageError::Parse(e)
+    }
+}
+
+/// What every command shares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Global {
+    pub endpoints: Vec<String>,
+    pub store_prefix: String,
+    pub timeout: Duration,
+    pub debug: bool,
+}
+
+/// `create-network`'s settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetworkFlags {
+    pub ip: Option<Ipv4Addr>,
+    pub name: String,
+    pub bridge: String,
+    pub mtu: u32,
+    pub interface: Option<String>,
+    pub ifcfg_dir: PathBuf,
+    pub force: bool,
+    pub no_restart: bool,
+    pub dry_run: bool,
+}
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Help(&'static str),
+    Version,
+    Server { socket: PathBuf },
+    IpRange { range: AddrRange },
+    ReleaseIp { addr: Ipv4Addr, net: Ipv4Net },
+    HostRange { range: AddrRange, gateway: Ipv4Addr },
+    ReleaseHost { addr: Ipv4Addr },
+    CreateNetwork(NetworkFlags),
+}
+
+/// Reads the environment variables that stand in for global flags.
+pub fn env_defaults() -> (Option<String>, Option<String>) {
+    let get = |name| {
+        std::env::var(name)
+            .ok()
+            .filter(|v: &String| !v.trim().is_empty())
+    };
+    (get("CLUSTER_STORE"), get("DEBUG"))
+}
+
+/// Parses the arguments (without the program name); `env` is (CLUSTER_STORE, DEBUG).
+pub fn parse(
+    args: impl IntoIterator<Item = OsString>,
+    env: (Option<String>, Option<String>),
+) -> Result<(Global, Command), UsageError> {
+    let mut parser = lexopt::Parser::from_args(args);
+    let (env_store, env_debug) = env;
+    let mut store = env_store.unwrap_or_else(|| DEFAULT_CLUSTER_STORE.into());
+    let mut debug = match env_debug {
+        Some(v) => parse_bool("DEBUG", &v)?,
+        None => false,
+    };
+    let mut store_prefix = DEFAULT_STORE_PREFIX.to_string();
+    let mut timeout = DEFAULT_TIMEOUT_SECS;
+    let command = loop {
+        match parser.next()? {
+            Some(Long("cluster-store")) => store = text(parser.value()?, "--cluster-store")?,
+            Some(Long("store-prefix")) => {
+                store_prefix = text(parser.value()?, "--store-prefix")?;
+            }
+            Some(Long("timeout")) => {
+                let v = text(parser.value()?, "--timeout")?;
+                timeout = parse_seconds(&v)?;
+            }
+            Some(Long("debug")) => {
+                debug = match parser.optional_value() {
+                    Some(v) => parse_bool("--debug", &text(v, "--debug")?)?,
+                    None => true,
+                }
+            }
+            Some(Short('h') | Long("help")) => return Ok((global_defaults(), Command::Help(HELP))),
+            Some(Short('V') | Long("version")) => return Ok((global_defaults(), Command::Version)),
+            Some(Value(name)) => break text(name, "command")?,
+            Some(other) => return Err(other.unexpected().into()),
+            None => return Err(UsageError::NoCommand),
+        }
+    };
+    let global = Global {
+        endpoints: parse_endpoints(&store)?,
+        store_prefix: parse_prefix(&store_prefix)?,
+        timeout: Duration::from_secs_f64(timeout),
+        debug,
+    };
+    let command = match command.as_str() {
+        "server" => parse_server(&mut parser)?,
+        "ip-range" => parse_ip_range(&mut parser)?,
+        "release-ip" => parse_release_ip(&mut parser)?,
+        "host-range" => parse_host_range(&mut parser)?,
+        "release-host" => parse_release_host(&mut parser)?,
+        "create-network" => parse_create_network(&mut parser)?,
+        "help" => Command::Help(HELP),
+        _ => return Err(UsageError::UnknownCommand(command)),
+    };
+    Ok((global, command))
+}
+
+fn global_defaults() -> Global {
+    Global {
+        endpoints: vec![DEFAULT_CLUSTER_STORE.into()],
+        store_prefix: DEFAULT_STORE_PREFIX.into(),
+        timeout: Duration::from_secs_f64(DEFAULT_TIMEOUT_SECS),
+        debug: false,
+    }
+}
+
+fn text(value: OsString, flag: &'static str) -> Result<String, UsageError> {
+    value.into_string().map_err(|v| UsageError::Invalid {
+        flag,
+        value: v.to_string_lossy().into_owned(),
+        reason: "not valid UTF-8".into(),
+    })
+}
+
+fn parse_bool(flag: &'static str, value: &str) -> Result<bool, UsageError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => Err(UsageError::Invalid {
+            flag,
+            value: value.into(),
+            reason: "expected true or false".into(),
+        }),
+    }
+}
+
+fn parse_seconds(value: &str) -> Result<f64, UsageError> {
+    match value.trim().parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 3600.0 => Ok(s),
+        _ => Err(UsageError::Invalid {
+            flag: "--timeout",
+            value: value.into(),
+            reason: "expected a number of seconds above 0 and at most 3600".into(),
+        }),
+    }
+}
+
+/// Splits an endpoint list on `,` or the full-width `，` that the original's examples use.
+pub fn parse_endpoints(list: &str) -> Result<Vec<String>, UsageError> {
+    let mut endpoints = Vec::new();
+    for part in list
+        .split([',', '，'])
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        let rest = part
+            .strip_prefix("http://")
+            .or_else(|| part.strip_prefix("https://"));
+        let host_ok = rest.is_some_and(|r| {
+            let host = r.split('/').next().unwrap_or_default();
+            !host.is_empty() && !host.contains(char::is_whitespace)
+        });
+        if !host_ok {
+            return Err(UsageError::Invalid {
+                flag: "--cluster-store",
+                value: part.into(),
+                reason: "expected http://HOST:PORT or https://HOST:PORT".into(),
+            });
+        }
+        endpoints.push(part.trim_end_matches('/').to_string());
+    }
+    if endpoints.is_empty() {
+        return Err(UsageError::Invalid {
+            flag: "--cluster-store",
+            value: list.into(),
+            reason: "no endpoint given".into(),
+        });
+    }
+    Ok(endpoints)
+}
+
+fn parse_prefix(prefix: &str) -> Result<String, UsageError> {
+    let trimmed = prefix.trim_end_matches('/');
+    if !trimmed.starts_with('/') || !trimmed.is_ascii() || trimmed.contains(char::is_whitespace) {
+        return Err(UsageError::Invalid {
+            flag: "--store-prefix",
+            value: prefix.into(),
+            reason: "expected an ASCII path starting with / (such as /talkingdata)".into(),
+        });
+    }
+    Ok(trimmed.to_string())
+}
+
+/// Collects `--flag VALUE` pairs of a command; `--help` anywhere wins.
+struct CommandFlags {
+    values: Vec<(&'static str, String)>,
+    switches: Vec<&'static str>,
+    help: bool,
+}
+
+impl CommandFlags {
+    fn read(
+        parser: &mut lexopt::Parser,
+        valued: &[&'static str],
+        switches: &[&'static str],
+    ) -> Result<CommandFlags, UsageError> {
+        let mut flags = CommandFlags {
+            values: Vec::new(),
+            switches: Vec::new(),
+            help: false,
+        };
+        while let Some(arg) = parser.next()? {
+            match arg {
+                Short('h') | Long("help") => flags.help = true,
+                Long(name) => {
+                    if let Some(flag) = valued.iter().find(|f| f[2..] == *name) {
+                        let value = text(parser.value()?, flag)?;
+                        flags.values.retain(|(f, _)| f != flag);
+                        flags.values.push((flag, value));
+                    } else if let Some(flag) = switches.iter().find(|f| f[2..] == *name) {
+                        flags.switches.push(flag);
+                    } else {
+                        return Err(Long(name).unexpected().into());
+                    }
+                }
+                other => return Err(other.unexpected().into()),
+            }
+        }
+        Ok(flags)
+    }
+
+    fn get(&self, flag: &str) -> Option<&str> {
+        self.values
+            .iter()
+            .find(|(f, _)| *f == flag)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn need(&self, command: &'static str, flag: &'static str) -> Result<&str, UsageError> {
+        self.get(flag).ok_or(UsageError::Missing { command, flag })
+    }
+
+    fn switch(&self, flag: &str) -> bool {
+        self.switches.contains(&flag)
+    }
+}
+
+fn addr_flag<T>(flag: &'static str, result: Result<T, AddrError>) -> Result<T, UsageError> {
+    result.map_err(|error| UsageError::Addr { flag, error })
+}
+
+fn parse_server(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
+    let flags = CommandFlags::read(parser, &["--socket"], &[])?;
+    if flags.help {
+        return Ok(Command::Help(SERVER_HELP));
+    }
+    let socket = PathBuf::from(flags.get("--socket").unwrap_or(DEFAULT_SOCKET));
+    if socket.file_stem().is_none() {
+        return Err(UsageError::Invalid {
+            flag: "--socket",
+            value: socket.display().to_string(),
+            reason: "expected a file path".into(),
+        });
+    }
+    Ok(Command::Server { socket })
+}
+
+fn parse_range(flags: &CommandFlags, command: &'static str) -> Result<AddrRange, UsageError> {
+    let start = flags.need(command, "--ip-start")?;
+    let end = flags.need(command, "--ip-end")?;
+    addr_flag("--ip-start", addr::parse_cidr(start))?;
+    addr_flag("--ip-end", addr::parse_cidr(end))?;
+    addr_flag("range", AddrRange::parse(start, end))
+}
+
+fn parse_ip_range(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
+    let flags = CommandFlags::read(parser, &["--ip-start", "--ip-end"], &[])?;
+    if flags.help {
+        return Ok(Command::Help(IP_RANGE_HELP));
+    }
+    Ok(Command::IpRange {
+        range: parse_range(&flags, "ip-range")?,
+    })
+}
+
+fn parse_host_range(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
+    let flags = CommandFlags::read(parser, &["--ip-start", "--ip-end", "--gateway"], &[])?;
+    if flags.help {
+        return Ok(Command::Help(HOST_RANGE_HELP));
+    }
+    let range = parse_range(&flags, "host-range")?;
+    let gateway = addr_flag(
+        "--gateway",
+        addr::parse_addr(flags.need("host-range", "--gateway")?),
+    )?;
+    Ok(Command::HostRange { range, gateway })
+}
+
+fn parse_release_ip(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
+    let flags = CommandFlags::read(parser, &["--ip"], &[])?;
+    if flags.help {
+        return Ok(Command::Help(RELEASE_IP_HELP));
+    }
+    let cidr = addr_flag("--ip", addr::parse_cidr(flags.need("release-ip", "--ip")?))?;
+    let net = cidr.trunc();
+    if !addr::is_host_of(cidr.addr(), net) {
+        return Err(UsageError::Addr {
+            flag: "--ip",
+            error: AddrError::NotHost(cidr.addr(), net),
+        });
+    }
+    Ok(Command::ReleaseIp {
+        addr: cidr.addr(),
+        net,
+    })
+}
+
+fn parse_release_host(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
+    let flags = CommandFlags::read(parser, &["--ip"], &[])?;
+    if flags.help {
+        return Ok(Command::Help(RELEASE_HOST_HELP));
+    }
+    let addr = addr_flag(
+        "--ip",
+        addr::parse_addr(flags.need("release-host", "--ip")?),
+    )?;
+    Ok(Command::ReleaseHost { addr })
+}
+
+/// Interface and bridge names as the kernel takes them: 1 to 15 bytes, no `/`, space or `:`.
+fn parse_ifname(flag: &'static str, value: &str) -> Result<String, UsageError> {
+    let ok = !value.is_empty()
+        && value.len() <= 15
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+        && value != "."
+        && value != "..";
+    if !ok {
+        return Err(UsageError::Invalid {
+            flag,
+            value: value.into(),
+            reason: "expected an interface name of 1 to 15 letters, digits, '-', '_', '.'".into(),
+        });
+    }
+    Ok(value.into())
+}
+
+fn parse_create_network(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
+    let flags = CommandFlags::read(
+        parser,
+        &[
+            "--ip",
+            "--name",
+            "--bridge",
+            "--mtu",
+            "--interface",
+            "--ifcfg-dir",
+        ],
+        &["--force", "--no-restart", "--dry-run"],
+    )?;
+    if flags.help {
+        return Ok(Command::Help(CREATE_NETWORK_HELP));
+    }
+    let ip = match flags.get("--ip") {
+        Some(v) => Some(addr_flag("--ip", addr::parse_addr(v))?),
+        None => None,
+    };
+    let name = flags.get("--name").unwrap_or(DEFAULT_NETWORK).to_string();
+    let name_ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !name.starts_with(['-', '.']);
+    if !name_ok {
+        return Err(UsageError::Invalid {
+            flag: "--name",
+            value: name,
+            reason: "expected letters, digits, '-', '_' or '.'".into(),
+        });
+    }
+    let bridge = parse_ifname("--bridge", flags.get("--bridge").unwrap_or(DEFAULT_BRIDGE))?;
+    let mtu = match flags.get("--mtu") {
+        None => DEFAULT_MTU,
+        Some(v) => match v.trim().parse::<u32>() {
+            Ok(m) if (68..=65535).contains(&m) => m,
+            _ => {
+                return Err(UsageError::Invalid {
+                    flag: "--mtu",
+                    value: v.into(),
+                    reason: "expected a number from 68 to 65535".into(),
+                })
+            }
+        },
+    };
+    let interface = match flags.get("--interface") {
+        Some(v) => Some(parse_ifname("--interface", v)?),
+        None => None,
+    };
+    let ifcfg_dir = PathBuf::from(flags.get("--ifcfg-dir").unwrap_or(DEFAULT_IFCFG_DIR));
+    Ok(Command::CreateNetwork(NetworkFlags {
+        ip,
+        name,
+        bridge,
+        mtu,
+        interface,
+        ifcfg_dir,
+        force: flags.switch("--force"),
+        no_restart: flags.switch("--no-restart"),
+        dry_run: flags.switch("--dry-run"),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<(Global, Command), UsageError> {
+        parse(args.iter().map(OsString::from), (None, None))
+    }
+
+    #[test]
+    fn reads_the_original_command_lines() {
+        let (g, c) = run(&[
+            "--cluster-store=http://192.0.2.53:2379，http://192.0.2.54:2379,http://192.0.2.55:2379",
+            "host-range",
+            "--ip-start",
+            "192.0.2.54/24",
+            "--ip-end",
+            "192.0.2.58/24",
+            "--gateway",
+            "192.0.2.1",
+        ])
+        .unwrap();
+        assert_eq!(g.endpoints.len(), 3);
+        assert_eq!(g.endpoints[1], "http://192.0.2.54:2379");
+        assert!(matches!(c, Command::HostRange { .. }));
+        let (g, c) = run(&[
+            "--debug=true",
+            "--cluster-store=http://localhost:2379",
+            "server",
+        ])
+        .unwrap();
+        assert!(g.debug);
+        assert_eq!(
+            c,
+            Command::Server {
+                socket: DEFAULT_SOCKET.into()
+            }
+        );
+    }
+
+    #[test]
+    fn environment_stands_in_for_flags() {
+        let env = (
+            Some("http://127.0.0.1:1".to_string()),
+            Some("1".to_string()),
+        );
+        let (g, _) = parse(["server".into()], env).unwrap();
+        assert_eq!(g.endpoints, vec!["http://127.0.0.1:1".to_string()]);
+        assert!(g.debug);
+    }
+
+    #[test]
+    fn refuses_bad_command_lines() {
+        let bad: &[&[&str]] = &[
+            &[],
+            &["frobnicate"],
+            &["ip-range", "--ip-start", "192.0.2.1/24"],
+            &[
+                "ip-range",
+                "--ip-start",
+                "192.0.2.1/24",
+                "--ip-end",
+                "192.0.2.9/25",
+            ],
+            &[
+                "ip-range",
+                "--ip-start",
+                "192.0.2.1/24",
+                "--ip-end",
+                "192.0.2.9/24",
+                "extra",
+            ],
+            &["release-ip", "--ip", "192.0.2.0/24"],
+            &["release-host", "--ip", "fe80::1"],
+            &["--cluster-store", "127.0.0.1:2379", "server"],
+            &["--timeout", "0", "server"],
+            &["--store-prefix", "talkingdata", "server"],
+            &["create-network", "--mtu", "9"],
+            &["create-network", "--bridge", "a/b"],
+            &["server", "--bogus"],
+        ];
+        for args in bad {
+            let err = run(args).expect_err(&format!("{args:?} was accepted"));
+            assert!(!err.to_string().contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn help_anywhere() {
+        assert_eq!(run(&["--help"]).unwrap().1, Command::Help(HELP));
+        assert_eq!(
+            run(&["ip-range", "--help"]).unwrap().1,
+            Command::Help(IP_RANGE_HELP)
+        );
+        assert_eq!(run(&["-V"]).unwrap().1, Command::Version);
+    }
+}

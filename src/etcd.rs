@@ -1,0 +1,421 @@
+//! A client for etcd's v3 JSON gateway over HTTP(S): several endpoints with failover, the
+//! gateway prefix of the server's version, base64 keys and values, omitted-field defaults.
+//! It knows etcd, not what the keys mean.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use serde::{Deserialize, Deserializer};
+use serde_json::{json, Value};
+
+use crate::kv::{Compare, KeyValue, Kv, Op, Range, StoreError, Txn, TxnOutcome};
+
+/// Largest answer read from etcd: a keys-only range over a /16 pool is about 6 MB.
+const MAX_ANSWER_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Why a call to etcd failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// No endpoint answered: each one's reason, in the order they were tried.
+    Unreachable(Vec<(String, String)>),
+    /// An endpoint answered with an error status; `message` is etcd's own reason.
+    Refused {
+        endpoint: String,
+        status: u16,
+        message: String,
+    },
+    /// An endpoint answered with something that is not etcd's JSON.
+    BadAnswer { endpoint: String, reason: String },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Unreachable(tries) => {
+                let tries: Vec<String> =
+                    tries.iter().map(|(e, why)| format!("{e}: {why}")).collect();
+                write!(f, "{}", tries.join("; "))
+            }
+            Error::Refused {
+                endpoint,
+                status,
+                message,
+            } => {
+                write!(f, "{endpoint} answered {status}: {message}")
+            }
+            Error::BadAnswer { endpoint, reason } => {
+                write!(f, "{endpoint} gave an answer that is not etcd's: {reason}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<Error> for StoreError {
+    fn from(e: Error) -> StoreError {
+        match e {
+            Error::Unreachable(_) => StoreError::Unreachable(e.to_string()),
+            _ => StoreError::Failed(e.to_string()),
+        }
+    }
+}
+
+/// One failed attempt on one endpoint.
+enum Attempt {
+    /// Worth trying the next endpoint: the request may not have reached etcd, or etcd
+    /// said it cannot serve right now.
+    Retry(String),
+    /// Final: another endpoint would answer the same.
+    Fail(Error),
+}
+
+/// An etcd cluster reached through its JSON gateway.
+pub struct Client {
+    endpoints: Vec<String>,
+    agent: ureq::Agent,
+    /// Index of the endpoint that answered last; tried first next time.
+    preferred: AtomicUsize,
+    /// `/v3`, `/v3beta` or `/v3alpha`, read from the first endpoint that answers `/version`.
+    api_prefix: OnceLock<&'static str>,
+    /// Requests sent (for the benchmark's round-trip counts).
+    requests: AtomicU64,
+}
+
+impl Client {
+    /// A client for `endpoints` (`http://host:port`, tried in order) where every request,
+    /// connect included, must finish within `timeout`.
+    pub fn new(endpoints: Vec<String>, timeout: Duration) -> Client {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            // etcd sits on the cluster network; an HTTP proxy from the environment never helps.
+            .proxy(None)
+            .build()
+            .into();
+        Client {
+            endpoints: endpoints
+                .into_iter()
+                .map(|e| e.trim_end_matches('/').to_string())
+                .collect(),
+            agent,
+            preferred: AtomicUsize::new(0),
+            api_prefix: OnceLock::new(),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// How many HTTP requests this client has sent.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// POSTs `body` to `<endpoint><prefix><path>` on the first endpoint that answers.
+    fn call(&self, path: &str, body: &Value) -> Result<Value, Error> {
+        let body = body.to_string();
+        let first = self.preferred.load(Ordering::Relaxed);
+        let mut tries = Vec::new();
+        for i in 0..self.endpoints.len() {
+            let index = (first + i) % self.endpoints.len();
+            let endpoint = &self.endpoints[index];
+            match self.call_one(endpoint, path, &body) {
+                Ok(answer) => {
+                    self.preferred.store(index, Ordering::Relaxed);
+                    return Ok(answer);
+                }
+                Err(Attempt::Retry(why)) => {
+                    log::debug!("etcd {endpoint}{path}: {why}; trying the next endpoint");
+                    tries.push((endpoint.clone(), why));
+                }
+                Err(Attempt::Fail(e)) => return Err(e),
+            }
+        }
+        Err(Error::Unreachable(tries))
+    }
+
+    fn call_one(&self, endpoint: &str, path: &str, body: &str) -> Result<Value, Attempt> {
+        let prefix = self.api_prefix(endpoint)?;
+        let url = format!("{endpoint}{prefix}{path}");
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let mut answer = self
+            .agent
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .send(body)
+            .map_err(transport_reason)?;
+        let status = answer.status().as_u16();
+        let bytes = answer
+            .body_mut()
+            .with_config()
+            .limit(MAX_ANSWER_BYTES)
+            .read_to_vec()
+            .map_err(transport_reason)?;
+        if status == 200 {
+            return serde_json::from_slice(&bytes).map_err(|e| {
+                Attempt::Fail(Error::BadAnswer {
+                    endpoint: endpoint.into(),
+                    reason: e.to_string(),
+                })
+            });
+        }
+        let message = error_message(&bytes);
+        // 503: this member has no leader or is stopping; another member may serve.
+        if status == 503 {
+            return Err(Attempt::Retry(format!("unavailable: {message}")));
+        }
+        Err(Attempt::Fail(Error::Refused {
+            endpoint: endpoint.into(),
+            status,
+            message,
+        }))
+    }
+
+    /// The gateway prefix, read once per process from the first endpoint that answers.
+    fn api_prefix(&self, endpoint: &str) -> Result<&'static str, Attempt> {
+        if let Some(prefix) = self.api_prefix.get() {
+            return Ok(prefix);
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let url = format!("{endpoint}/version");
+        let mut answer = self.agent.get(&url).call().map_err(transport_reason)?;
+        let text = answer
+            .body_mut()
+            .read_to_string()
+            .map_err(transport_reason)?;
+        let version: Value = serde_json::from_str(&text).map_err(|_| {
+            Attempt::Fail(Error::BadAnswer {
+                endpoint: endpoint.into(),
+                reason: format!("/version answered {text:?}"),
+            })
+        })?;
+        let server = version["etcdserver"].as_str().unwrap_or_default();
+        let prefix = gateway_prefix(server);
+        log::debug!("etcd {endpoint} is version {server:?}: using gateway prefix {prefix}");
+        Ok(self.api_prefix.get_or_init(|| prefix))
+    }
+}
+
+/// Which gateway prefix an etcd server of this version serves.
+fn gateway_prefix(version: &str) -> &'static str {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    match (parts.next(), parts.next()) {
+        (Some(3), Some(0..=2)) => "/v3alpha",
+        (Some(3), Some(3)) => "/v3beta",
+        _ => "/v3",
+    }
+}
+
+/// A transport failure, worded for a person, as a reason to try the next endpoint.
+fn transport_reason(e: ureq::Error) -> Attempt {
+    match e {
+        ureq::Error::Timeout(_) => Attempt::Retry("timed out".into()),
+        ureq::Error::Io(io) => Attempt::Retry(io.to_string()),
+        ureq::Error::HostNotFound => Attempt::Retry("host not found".into()),
+        ureq::Error::ConnectionFailed => Attempt::Retry("connection failed".into()),
+        other => Attempt::Retry(other.to_string()),
+    }
+}
+
+/// etcd's reason from an error body, whichever version's shape it has.
+fn error_message(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        return text.trim().to_string();
+    };
+    ["message", "error", "Error"]
+        .iter()
+        .find_map(|field| value[field].as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| text.trim().to_string())
+}
+
+fn b64(text: &str) -> String {
+    BASE64.encode(text.as_bytes())
+}
+
+fn unb64(text: &str) -> String {
+    match BASE64.decode(text) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(_) => String::new(),
+    }
+}
+
+/// etcd sends 64-bit integers as strings, and omits them when zero.
+fn int64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Int {
+        Text(String),
+        Number(i64),
+    }
+    match Int::deserialize(d)? {
+        Int::Number(n) => Ok(n),
+        Int::Text(t) => t.parse().map_err(serde::de::Error::custom),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct RawKv {
+    #[serde(default)]
+    key: String,
+    #[serde(default)]
+    value: String,
+    #[serde(default, deserialize_with = "int64")]
+    mod_revision: i64,
+}
+
+#[derive(Deserialize, Default)]
+struct RangeAnswer {
+    #[serde(default)]
+    kvs: Vec<RawKv>,
+}
+
+impl RangeAnswer {
+    fn into_kvs(self) -> Vec<KeyValue> {
+        self.kvs
+            .into_iter()
+            .map(|kv| KeyValue {
+                key: unb64(&kv.key),
+                value: unb64(&kv.value),
+                mod_revision: kv.mod_revision,
+            })
+            .collect()
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct OpAnswer {
+    response_range: Option<RangeAnswer>,
+}
+
+#[derive(Deserialize, Default)]
+struct TxnAnswer {
+    // Absent when the compares failed.
+    #[serde(default)]
+    succeeded: bool,
+    #[serde(default)]
+    responses: Vec<OpAnswer>,
+}
+
+fn range_body(r: &Range) -> Value {
+    let mut body = json!({ "key": b64(&r.start) });
+    if !r.end.is_empty() {
+        body["range_end"] = json!(b64(&r.end));
+    }
+    if r.limit > 0 {
+        body["limit"] = json!(r.limit.to_string());
+    }
+    if r.keys_only {
+        body["keys_only"] = json!(true);
+    }
+    body
+}
+
+fn compare_body(c: &Compare) -> Value {
+    match c {
+        Compare::Exists(key) => {
+            json!({"key": b64(key), "result": "GREATER", "target": "VERSION", "version": "0"})
+        }
+        Compare::Absent(key) => {
+            json!({"key": b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": "0"})
+        }
+        Compare::ModRevision(key, rev) => json!({
+            "key": b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": rev.to_string()
+        }),
+    }
+}
+
+fn op_body(op: &Op) -> Value {
+    match op {
+        Op::Put { key, value } => json!({"request_put": {"key": b64(key), "value": b64(value)}}),
+        Op::Delete { key } => json!({"request_delete_range": {"key": b64(key)}}),
+        Op::Range(r) => json!({ "request_range": range_body(r) }),
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(endpoint_hint: &str, value: Value) -> Result<T, Error> {
+    serde_json::from_value(value).map_err(|e| Error::BadAnswer {
+        endpoint: endpoint_hint.into(),
+        reason: e.to_string(),
+    })
+}
+
+impl Client {
+    fn current_endpoint(&self) -> &str {
+        let i = self.preferred.load(Ordering::Relaxed);
+        self.endpoints.get(i).map(String::as_str).unwrap_or("etcd")
+    }
+
+    pub fn range(&self, r: &Range) -> Result<Vec<KeyValue>, Error> {
+        let answer = self.call("/kv/range", &range_body(r))?;
+        Ok(decode::<RangeAnswer>(self.current_endpoint(), answer)?.into_kvs())
+    }
+
+    pub fn txn(&self, txn: &Txn) -> Result<TxnOutcome, Error> {
+        let body = json!({
+            "compare": txn.compares.iter().map(compare_body).collect::<Vec<_>>(),
+            "success": txn.success.iter().map(op_body).collect::<Vec<_>>(),
+            "failure": txn.failure.iter().map(op_body).collect::<Vec<_>>(),
+        });
+        let answer: TxnAnswer = decode(self.current_endpoint(), self.call("/kv/txn", &body)?)?;
+        let ranges = answer
+            .responses
+            .into_iter()
+            .filter_map(|r| r.response_range)
+            .map(RangeAnswer::into_kvs)
+            .collect();
+        Ok(TxnOutcome {
+            succeeded: answer.succeeded,
+            ranges,
+        })
+    }
+}
+
+impl Kv for Client {
+    fn range(&self, range: &Range) -> Result<Vec<KeyValue>, StoreError> {
+        Ok(Client::range(self, range)?)
+    }
+
+    fn txn(&self, txn: &Txn) -> Result<TxnOutcome, StoreError> {
+        Ok(Client::txn(self, txn)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_gateway_prefix_by_version() {
+        assert_eq!(gateway_prefix("3.2.32"), "/v3alpha");
+        assert_eq!(gateway_prefix("3.3.11"), "/v3beta");
+        assert_eq!(gateway_prefix("3.4.23"), "/v3");
+        assert_eq!(gateway_prefix("3.5.9"), "/v3");
+        assert_eq!(gateway_prefix(""), "/v3");
+    }
+
+    #[test]
+    fn reads_the_error_message_of_every_version() {
+        assert_eq!(error_message(br#"{"Error":"a","Code":3}"#), "a");
+        assert_eq!(error_message(br#"{"error":"b","code":3}"#), "b");
+        assert_eq!(
+            error_message(br#"{"error":"c","code":3,"message":"d"}"#),
+            "d"
+        );
+        assert_eq!(error_message(b"plain"), "plain");
+    }
+
+    #[test]
+    fn omitted_fields_read_as_defaults() {
+        let failed: TxnAnswer = serde_json::from_str(r#"{"header":{"revision":"2"}}"#).unwrap();
+        assert!(!failed.succeeded);
+        let empty: RangeAnswer = serde_json::from_str(r#"{"header":{}}"#).unwrap();
+        assert!(empty.kvs.is_empty());
+        let kv: RawKv = serde_json::from_str(r#"{"key":"YQ==","mod_revision":"7"}"#).unwrap();
+        assert_eq!((unb64(&kv.key), kv.mod_revision), ("a".to_string(), 7));
+    }
+}

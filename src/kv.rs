@@ -1,0 +1,312 @@
+//! The key-value store interface the pools are written against: bounded ranges and guarded
+//! transactions (compare-and-swap). etcd implements it for real; an in-memory store implements
+//! it for the unit tests of the allocation logic.
+
+use std::fmt;
+
+/// etcd's default `--max-txn-ops`: no list of a transaction may be longer.
+pub const MAX_TXN_OPS: usize = 128;
+
+/// One key and what the store holds for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: String,
+    /// Revision of the last change to this key; guards a later compare-and-swap.
+    pub mod_revision: i64,
+}
+
+/// A read of the keys in `[start, end)`, or of `start` alone when `end` is empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Range {
+    pub start: String,
+    pub end: String,
+    /// At most this many keys come back; 0 means all.
+    pub limit: u64,
+    /// Skip the values (cheaper when only the keys matter).
+    pub keys_only: bool,
+}
+
+impl Range {
+    /// The single key `key`.
+    pub fn key(key: impl Into<String>) -> Range {
+        Range {
+            start: key.into(),
+            end: String::new(),
+            limit: 0,
+            keys_only: false,
+        }
+    }
+
+    /// Every key that starts with `prefix`.
+    pub fn prefix(prefix: impl Into<String>) -> Range {
+        let start = prefix.into();
+        let end = prefix_end(&start);
+        Range {
+            start,
+            end,
+            limit: 0,
+            keys_only: false,
+        }
+    }
+
+    /// Keys in `[start, end)`.
+    pub fn between(start: impl Into<String>, end: impl Into<String>) -> Range {
+        Range {
+            start: start.into(),
+            end: end.into(),
+            limit: 0,
+            keys_only: false,
+        }
+    }
+
+    pub fn limit(mut self, limit: u64) -> Range {
+        self.limit = limit;
+        self
+    }
+
+    pub fn keys_only(mut self) -> Range {
+        self.keys_only = true;
+        self
+    }
+}
+
+/// The smallest key greater than every key that starts with `prefix` (its last byte plus one),
+/// as etcd's `range_end` wants it. Prefixes here are ASCII paths, so the last byte is never 0xff.
+pub fn prefix_end(prefix: &str) -> String {
+    let mut bytes = prefix.as_bytes().to_vec();
+    match bytes.last_mut() {
+        Some(last) if *last < 0x7f => {
+            *last += 1;
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+        // Only reachable with a non-ASCII or empty prefix: "\0" asks etcd for every key.
+        _ => "\0".to_string(),
+    }
+}
+
+/// A condition a transaction checks before choosing its branch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compare {
+    /// The key exists.
+    Exists(String),
+    /// The key does not exist.
+    Absent(String),
+    /// The key was last changed at this revision (it is unchanged since it was read).
+    ModRevision(String, i64),
+}
+
+/// One operation of a transaction branch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Put { key: String, value: String },
+    Delete { key: String },
+    Range(Range),
+}
+
+impl Op {
+    pub fn put(key: impl Into<String>, value: impl Into<String>) -> Op {
+        Op::Put {
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+
+    pub fn delete(key: impl Into<String>) -> Op {
+        Op::Delete { key: key.into() }
+    }
+}
+
+/// If every compare holds, run `success`, otherwise run `failure`; atomically.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Txn {
+    pub compares: Vec<Compare>,
+    pub success: Vec<Op>,
+    pub failure: Vec<Op>,
+}
+
+/// What a transaction did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TxnOutcome {
+    /// Whether every compare held (and so `success` ran).
+    pub succeeded: bool,
+    /// The results of the `Range` ops of the branch that ran, in their order.
+    pub ranges: Vec<Vec<KeyValue>>,
+}
+
+impl TxnOutcome {
+    /// The result of the `n`th range op of the branch that ran; empty if there was none.
+    pub fn range(&self, n: usize) -> &[KeyValue] {
+        self.ranges.get(n).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+/// Why the store could not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// No endpoint of the store answered in time.
+    Unreachable(String),
+    /// The store answered, with an error.
+    Failed(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Unreachable(why) => write!(f, "etcd unreachable: {why}"),
+            StoreError::Failed(why) => write!(f, "etcd error: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// A store with bounded ranges and compare-and-swap transactions.
+pub trait Kv {
+    fn range(&self, range: &Range) -> Result<Vec<KeyValue>, StoreError>;
+    fn txn(&self, txn: &Txn) -> Result<TxnOutcome, StoreError>;
+}
+
+impl<K: Kv + ?Sized> Kv for &K {
+    fn range(&self, range: &Range) -> Result<Vec<KeyValue>, StoreError> {
+        (**self).range(range)
+    }
+    fn txn(&self, txn: &Txn) -> Result<TxnOutcome, StoreError> {
+        (**self).txn(txn)
+    }
+}
+
+#[cfg(test)]
+pub mod memory {
+    //! An in-memory `Kv` with etcd's semantics, for unit tests of the logic above the store.
+
+    use super::*;
+    use std::cell::{Cell, RefCell};
+    use std::collections::BTreeMap;
+
+    #[derive(Default)]
+    pub struct MemKv {
+        data: RefCell<BTreeMap<String, (String, i64)>>,
+        revision: Cell<i64>,
+        /// How many calls were made: the unit tests count round trips.
+        pub calls: Cell<u64>,
+    }
+
+    impl MemKv {
+        pub fn new() -> MemKv {
+            MemKv::default()
+        }
+
+        /// Every key and value, for before/after comparisons.
+        pub fn dump(&self) -> Vec<(String, String)> {
+            self.data
+                .borrow()
+                .iter()
+                .map(|(k, (v, _))| (k.clone(), v.clone()))
+                .collect()
+        }
+
+        fn read(&self, r: &Range) -> Vec<KeyValue> {
+            let data = self.data.borrow();
+            let rows = data.iter().filter(|(k, _)| {
+                if r.end.is_empty() {
+                    **k == r.start
+                } else {
+                    k.as_str() >= r.start.as_str() && k.as_str() < r.end.as_str()
+                }
+            });
+            let limit = if r.limit == 0 {
+                usize::MAX
+            } else {
+                r.limit as usize
+            };
+            rows.take(limit)
+                .map(|(k, (v, rev))| KeyValue {
+                    key: k.clone(),
+                    value: if r.keys_only {
+                        String::new()
+                    } else {
+                        v.clone()
+                    },
+                    mod_revision: *rev,
+                })
+                .collect()
+        }
+
+        fn holds(&self, c: &Compare) -> bool {
+            let data = self.data.borrow();
+            match c {
+                Compare::Exists(k) => data.contains_key(k),
+                Compare::Absent(k) => !data.contains_key(k),
+                Compare::ModRevision(k, rev) => data.get(k).map(|e| e.1) == Some(*rev),
+            }
+        }
+    }
+
+    impl Kv for MemKv {
+        fn range(&self, range: &Range) -> Result<Vec<KeyValue>, StoreError> {
+            self.calls.set(self.calls.get() + 1);
+            Ok(self.read(range))
+        }
+
+        fn txn(&self, txn: &Txn) -> Result<TxnOutcome, StoreError> {
+            self.calls.set(self.calls.get() + 1);
+            let succeeded = txn.compares.iter().all(|c| self.holds(c));
+            let ops = if succeeded {
+                &txn.success
+            } else {
+                &txn.failure
+            };
+            let revision = self.revision.get() + 1;
+            let mut outcome = TxnOutcome {
+                succeeded,
+                ranges: Vec::new(),
+            };
+            for op in ops {
+                match op {
+                    Op::Put { key, value } => {
+                        self.data
+                            .borrow_mut()
+                            .insert(key.clone(), (value.clone(), revision));
+                        self.revision.set(revision);
+                    }
+                    Op::Delete { key } => {
+                        self.data.borrow_mut().remove(key);
+                        self.revision.set(revision);
+                    }
+                    Op::Range(r) => outcome.ranges.push(self.read(r)),
+                }
+            }
+            Ok(outcome)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::memory::MemKv;
+    use super::*;
+
+    #[test]
+    fn prefix_end_increments_the_last_byte() {
+        assert_eq!(
+            prefix_end("/talkingdata/hosts/pool/"),
+            "/talkingdata/hosts/pool0"
+        );
+        assert_eq!(prefix_end("/a/198.18.5."), "/a/198.18.5/");
+    }
+
+    #[test]
+    fn memory_txn_takes_one_branch() {
+        let kv = MemKv::new();
+        let put = Txn {
+            compares: vec![Compare::Absent("k".into())],
+            success: vec![Op::put("k", "v")],
+            failure: vec![Op::Range(Range::key("k"))],
+        };
+        assert!(kv.txn(&put).unwrap().succeeded);
+        let again = kv.txn(&put).unwrap();
+        assert!(!again.succeeded);
+        assert_eq!(again.range(0)[0].value, "v");
+    }
+}

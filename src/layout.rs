@@ -1,0 +1,319 @@
+//! Where things live in etcd: the key layout shared with the original tool, and the JSON values
+//! stored under it.
+//!
+//! ```text
+//! <prefix>/hosts/config                    {"Subnet":"192.0.2.0/24","Gateway":"192.0.2.1"}
+//! <prefix>/hosts/pool/<ip>                 ""            free host address
+//! <prefix>/hosts/assigned/<ip>             {owner}       host address in use
+//! <prefix>/containers/<net>/config         {"Ipnet":"192.0.2.0","Mask":"24"}
+//! <prefix>/containers/<net>/pool/<ip>      ""            free container address
+//! <prefix>/containers/<net>/assigned/<ip>  {owner}       container address in use, or reserved
+//! ```
+
+use std::net::Ipv4Addr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+/// The keys of one installation, under its prefix (`/talkingdata` by default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    prefix: String,
+}
+
+impl Layout {
+    pub fn new(prefix: &str) -> Layout {
+        Layout {
+            prefix: prefix.trim_end_matches('/').to_string(),
+        }
+    }
+
+    pub fn hosts_config(&self) -> String {
+        format!("{}/hosts/config", self.prefix)
+    }
+
+    /// The host address pool.
+    pub fn hosts(&self) -> PoolKeys {
+        PoolKeys::under(&format!("{}/hosts", self.prefix))
+    }
+
+    /// The config key of the container network whose network address is `net`.
+    pub fn container_config(&self, net: Ipv4Addr) -> String {
+        format!("{}/containers/{net}/config", self.prefix)
+    }
+
+    /// The container pool of network `net` (its network address: also Docker's PoolID).
+    pub fn containers(&self, net: Ipv4Addr) -> PoolKeys {
+        PoolKeys::under(&format!("{}/containers/{net}", self.prefix))
+    }
+}
+
+/// The two directories of one pool: free addresses and addresses in use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolKeys {
+    /// `…/pool/`, with the trailing slash.
+    pub pool_dir: String,
+    /// `…/assigned/`, with the trailing slash.
+    pub assigned_dir: String,
+}
+
+impl PoolKeys {
+    fn under(base: &str) -> PoolKeys {
+        PoolKeys {
+            pool_dir: format!("{base}/pool/"),
+            assigned_dir: format!("{base}/assigned/"),
+        }
+    }
+
+    pub fn pool(&self, addr: Ipv4Addr) -> String {
+        format!("{}{addr}", self.pool_dir)
+    }
+
+    pub fn assigned(&self, addr: Ipv4Addr) -> String {
+        format!("{}{addr}", self.assigned_dir)
+    }
+
+    /// The address a key of either directory names, if it names one.
+    pub fn addr_of(&self, key: &str) -> Option<Ipv4Addr> {
+        key.strip_prefix(&self.pool_dir)
+            .or_else(|| key.strip_prefix(&self.assigned_dir))
+            .and_then(|rest| rest.parse().ok())
+    }
+}
+
+/// `<prefix>/hosts/config`: the subnet hosts and containers share, and its router.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostsConfig {
+    #[serde(rename = "Subnet")]
+    pub subnet: String,
+    #[serde(rename = "Gateway")]
+    pub gateway: String,
+}
+
+impl HostsConfig {
+    pub fn new(subnet: Ipv4Net, gateway: Ipv4Addr) -> HostsConfig {
+        HostsConfig {
+            subnet: subnet.to_string(),
+            gateway: gateway.to_string(),
+        }
+    }
+
+    /// The subnet and gateway, or `None` if the stored text is not what this tool writes.
+    pub fn parsed(&self) -> Option<(Ipv4Net, Ipv4Addr)> {
+        Some((self.subnet.parse().ok()?, self.gateway.parse().ok()?))
+    }
+}
+
+/// `<prefix>/containers/<net>/config`: the container network, address and mask apart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerConfig {
+    #[serde(rename = "Ipnet")]
+    pub ipnet: String,
+    #[serde(rename = "Mask")]
+    pub mask: String,
+}
+
+impl ContainerConfig {
+    pub fn new(net: Ipv4Net) -> ContainerConfig {
+        ContainerConfig {
+            ipnet: net.network().to_string(),
+            mask: net.prefix_len().to_string(),
+        }
+    }
+
+    /// The network, or `None` if the stored text is not what this tool writes.
+    pub fn net(&self) -> Option<Ipv4Net> {
+        Ipv4Net::new(self.ipnet.parse().ok()?, self.mask.parse().ok()?).ok()
+    }
+}
+
+/// What an address in `assigned/` is used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A container's address, taken by the plugin or by hand.
+    Container,
+    /// A network's gateway as Docker named it: kept out of the pool.
+    Gateway,
+    /// A network's auxiliary address as Docker named it: kept out of the pool.
+    Aux,
+    /// A host's own address (`create-network`).
+    Host,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Container => "container",
+            Role::Gateway => "gateway",
+            Role::Aux => "aux",
+            Role::Host => "host",
+        }
+    }
+}
+
+/// The value of an `assigned/` key: who holds the address. The original stored "", so a value
+/// that does not parse is an owner nobody recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    #[serde(rename = "Role")]
+    pub role: Role,
+    #[serde(rename = "Host")]
+    pub host: String,
+    #[serde(rename = "Mac", default, skip_serializing_if = "String::is_empty")]
+    pub mac: String,
+    /// When it was taken (UTC, RFC 3339 with nanoseconds; also makes each record unique, so a
+    /// retried write can tell its own earlier success from someone else's).
+    #[serde(rename = "Since")]
+    pub since: String,
+}
+
+impl Owner {
+    pub fn new(role: Role, host: &str, mac: &str) -> Owner {
+        Owner {
+            role,
+            host: host.into(),
+            mac: mac.into(),
+            since: rfc3339_now(),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        // Serializing a struct of strings cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn from_json(text: &str) -> Option<Owner> {
+        serde_json::from_str(text).ok()
+    }
+
+    /// For messages: "host h2 (mac 02:42:…)", "the gateway of host h1".
+    pub fn describe(&self) -> String {
+        let host = if self.host.is_empty() {
+            "an unknown host"
+        } else {
+            self.host.as_str()
+        };
+        match self.role {
+            Role::Container if self.mac.is_empty() => format!("a container on host {host}"),
+            Role::Container => format!("host {host} (mac {})", self.mac),
+            Role::Gateway => format!("the network gateway (reserved by host {host})"),
+            Role::Aux => format!("an auxiliary address (reserved by host {host})"),
+            Role::Host => format!("host {host} as its own address"),
+        }
+    }
+}
+
+/// Describes the holder of an `assigned/` value, including the original's empty values.
+pub fn describe_holder(value: &str) -> String {
+    Owner::from_json(value)
+        .map(|o| o.describe())
+        .unwrap_or_else(|| "an unrecorded owner".into())
+}
+
+/// This machine's host name (of its UTS namespace), as owners record it.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The current UTC time as `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`.
+pub fn rfc3339_now() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339(now.as_secs(), now.subsec_nanos())
+}
+
+fn rfc3339(secs: u64, nanos: u32) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_original_layout() {
+        let l = Layout::new("/talkingdata/");
+        let a: Ipv4Addr = "192.168.0.5".parse().unwrap();
+        let net: Ipv4Addr = "192.168.0.0".parse().unwrap();
+        assert_eq!(l.hosts_config(), "/talkingdata/hosts/config");
+        assert_eq!(l.hosts().pool(a), "/talkingdata/hosts/pool/192.168.0.5");
+        assert_eq!(
+            l.hosts().assigned(a),
+            "/talkingdata/hosts/assigned/192.168.0.5"
+        );
+        assert_eq!(
+            l.container_config(net),
+            "/talkingdata/containers/192.168.0.0/config"
+        );
+        let c = l.containers(net);
+        assert_eq!(
+            c.pool(a),
+            "/talkingdata/containers/192.168.0.0/pool/192.168.0.5"
+        );
+        assert_eq!(
+            c.assigned(a),
+            "/talkingdata/containers/192.168.0.0/assigned/192.168.0.5"
+        );
+        assert_eq!(c.addr_of(&c.assigned(a)), Some(a));
+        assert_eq!(
+            c.addr_of("/talkingdata/containers/192.168.0.0/config"),
+            None
+        );
+    }
+
+    #[test]
+    fn configs_serialize_as_the_original() {
+        let net: Ipv4Net = "192.168.0.0/24".parse().unwrap();
+        let hosts = HostsConfig::new(net, "192.168.0.1".parse().unwrap());
+        assert_eq!(
+            serde_json::to_string(&hosts).unwrap(),
+            r#"{"Subnet":"192.168.0.0/24","Gateway":"192.168.0.1"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&ContainerConfig::new(net)).unwrap(),
+            r#"{"Ipnet":"192.168.0.0","Mask":"24"}"#
+        );
+        assert_eq!(ContainerConfig::new(net).net(), Some(net));
+    }
+
+    #[test]
+    fn formats_utc_times() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(rfc3339(1_795_305_600, 5), "2026-11-22T00:00:00.000000005Z");
+        assert_eq!(rfc3339(951_825_599, 0), "2000-02-29T11:59:59.000000000Z");
+    }
+
+    #[test]
+    fn owners_round_trip_and_describe() {
+        let o = Owner::new(Role::Container, "h2", "02:42:00:00:00:01");
+        let back = Owner::from_json(&o.to_json()).unwrap();
+        assert_eq!(back, o);
+        assert_eq!(back.describe(), "host h2 (mac 02:42:00:00:00:01)");
+        assert_eq!(describe_holder(""), "an unrecorded owner");
+    }
+}

@@ -1,0 +1,13 @@
+//! oam-docker-ipam as a library: the modules behind the binary, also used by its benchmark.
+
+pub mod addr;
+pub mod alloc;
+pub mod cli;
+pub mod commands;
+pub mod etcd;
+pub mod ipam;
+pub mod kv;
+pub mod layout;
+pub mod network;
+pub mod pools;
+pub mod server;

@@ -1,0 +1,530 @@
+//! `create-network`: take this host's address, create the Docker network, write the CentOS
+//! bridge config, apply it; each step undone again if a later one fails.
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ipnet::Ipv4Net;
+
+use crate::alloc::{AllocError, Allocator};
+use crate::cli::NetworkFlags;
+use crate::kv::{Kv, Range, StoreError};
+use crate::layout::{HostsConfig, Layout, Owner, Role};
+
+/// The IPAM driver name Docker finds the plugin by (the socket's file name).
+pub const IPAM_DRIVER: &str = "talkingdata";
+
+/// Why create-network stopped.
+#[derive(Debug)]
+pub enum NetworkError {
+    /// No `host-range` has been run: no subnet and gateway to use.
+    NoHostPool,
+    /// The stored hosts config is not what this tool writes.
+    BadHostsConfig(String),
+    /// This host already holds a different address.
+    HoldsAnother {
+        held: Ipv4Addr,
+        asked: Ipv4Addr,
+    },
+    /// A file exists with other content and `--force` was not given.
+    FileDiffers(PathBuf),
+    /// The interface to enslave could not be found.
+    NoInterface(String),
+    /// A step failed; `undone` lists what was rolled back (and what could not be).
+    Step {
+        step: String,
+        error: String,
+        undone: Vec<String>,
+    },
+    Alloc(AllocError),
+    Store(StoreError),
+}
+
+impl fmt::Display for NetworkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NetworkError::NoHostPool => {
+                write!(
+                    f,
+                    "no host pool in etcd: define one with 'oam-docker-ipam host-range'"
+                )
+            }
+            NetworkError::BadHostsConfig(v) => write!(f, "the hosts config holds {v:?}"),
+            NetworkError::HoldsAnother { held, asked } => write!(
+                f,
+                "this host already holds {held}, not {asked}; release-host it first to change"
+            ),
+            NetworkError::FileDiffers(p) => write!(
+                f,
+                "{} exists with other content; use --force to replace it (a backup is kept)",
+                p.display()
+            ),
+            NetworkError::NoInterface(why) => {
+                write!(
+                    f,
+                    "cannot find the interface to enslave ({why}); use --interface"
+                )
+            }
+            NetworkError::Step {
+                step,
+                error,
+                undone,
+            } => {
+                write!(f, "{step} failed: {error}")?;
+                if undone.is_empty() {
+                    write!(f, "; nothing to undo")
+                } else {
+                    write!(f, "; undone: {}", undone.join(", "))
+                }
+            }
+            NetworkError::Alloc(e) => write!(f, "{e}"),
+            NetworkError::Store(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for NetworkError {}
+
+impl From<StoreError> for NetworkError {
+    fn from(e: StoreError) -> NetworkError {
+        NetworkError::Store(e)
+    }
+}
+
+impl From<AllocError> for NetworkError {
+    fn from(e: AllocError) -> NetworkError {
+        NetworkError::Alloc(e)
+    }
+}
+
+/// One thing done that can be undone.
+enum Done {
+    TookAddress(Ipv4Addr),
+    CreatedNetwork(String),
+    WroteFile {
+        path: PathBuf,
+        backup: Option<PathBuf>,
+    },
+    StoppedNetworkManager,
+}
+
+/// What the bridge's ifcfg file says (seed 000's format).
+pub fn bridge_ifcfg(
+    bridge: &str,
+    addr: Ipv4Addr,
+    gateway: Ipv4Addr,
+    subnet: Ipv4Net,
+    mtu: u32,
+) -> String {
+    let mut text = format!(
+        "DEVICE={bridge}\nTYPE=Bridge\nBOOTPROTO=static\nIPADDR={addr}\nGATEWAY={gateway}\n\
+         NETMASK={}\nONBOOT=yes\nNOZEROCONF=yes\nIPV6INIT=no\nNM_CONTROLLED=no\nDELAY=0\n",
+        subnet.netmask()
+    );
+    if mtu != 1500 {
+        text.push_str(&format!("MTU={mtu}\n"));
+    }
+    text
+}
+
+/// The interface's ifcfg with `BRIDGE=<bridge>` (replacing another BRIDGE= line if any).
+pub fn enslaved_ifcfg(existing: Option<&str>, interface: &str, bridge: &str) -> String {
+    let Some(existing) = existing else {
+        return format!("DEVICE={interface}\nONBOOT=yes\nNM_CONTROLLED=no\nBRIDGE={bridge}\n");
+    };
+    let mut lines: Vec<String> = existing
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("BRIDGE="))
+        .map(str::to_string)
+        .collect();
+    lines.push(format!("BRIDGE={bridge}"));
+    lines.join("\n") + "\n"
+}
+
+/// Runs create-network; prints each step on stdout.
+pub fn create<K: Kv>(kv: K, layout: &Layout, flags: &NetworkFlags) -> Result<(), NetworkError> {
+    let host = crate::layout::host_name();
+    let stored = kv.range(&Range::key(layout.hosts_config()))?;
+    let value = stored
+        .first()
+        .map(|kv| kv.value.clone())
+        .ok_or(NetworkError::NoHostPool)?;
+    let (subnet, gateway) = serde_json::from_str::<HostsConfig>(&value)
+        .ok()
+        .and_then(|c| c.parsed())
+        .ok_or_else(|| NetworkError::BadHostsConfig(value.clone()))?;
+    let hosts = layout.hosts();
+    let mut alloc = Allocator::new(kv);
+
+    // Read-only checks first, so that a refusal changes nothing.
+    let held = held_by(alloc.kv(), layout, &host)?;
+    if let (Some(held), Some(asked)) = (held, flags.ip) {
+        if held != asked {
+            return Err(NetworkError::HoldsAnother { held, asked });
+        }
+    }
+    let interface = match &flags.interface {
+        Some(i) => i.clone(),
+        None => route_interface(gateway)?,
+    };
+    let bridge_path = flags.ifcfg_dir.join(format!("ifcfg-{}", flags.bridge));
+    let iface_path = flags.ifcfg_dir.join(format!("ifcfg-{interface}"));
+    let network_exists = docker_network_exists(&flags.name);
+
+    if flags.dry_run {
+        let addr = match (held, flags.ip) {
+            (Some(a), _) => format!("keep {a}, which this host holds"),
+            (None, Some(a)) => format!("take {a} from the host pool as {host}"),
+            (None, None) => format!("take a free address from the host pool as {host}"),
+        };
+        println!("would {addr}");
+        if network_exists {
+            println!("would keep the existing Docker network {}", flags.name);
+        } else {
+            let args = network_args(flags, subnet, "<host address>", gateway);
+            println!("would run: docker {}", args.join(" "));
+        }
+        println!(
+            "would write {} (bridge {} with the host address)",
+            bridge_path.display(),
+            flags.bridge
+        );
+        println!(
+            "would add BRIDGE={} to {}",
+            flags.bridge,
+            iface_path.display()
+        );
+        if !flags.no_restart {
+            println!("would run: systemctl stop NetworkManager; systemctl disable NetworkManager; systemctl restart network");
+        }
+        return Ok(());
+    }
+
+    let mut done = Vec::new();
+    let result = (|| -> Result<(), (String, String)> {
+        let addr = match held {
+            Some(addr) => {
+                println!("this host already holds {addr}");
+                addr
+            }
+            None => {
+                let owner = Owner::new(Role::Host, &host, "");
+                let addr = match flags.ip {
+                    Some(addr) => {
+                        alloc
+                            .take(&hosts, subnet, addr, &owner)
+                            .map_err(|e| step("taking the host address", e))?;
+                        addr
+                    }
+                    None => alloc
+                        .take_any(&hosts, subnet, &owner)
+                        .map_err(|e| step("taking a host address", e))?,
+                };
+                done.push(Done::TookAddress(addr));
+                println!("took host address {addr}");
+                addr
+            }
+        };
+
+        let bridge_text = bridge_ifcfg(&flags.bridge, addr, gateway, subnet, flags.mtu);
+        let existing_bridge =
+            read_optional(&bridge_path).map_err(|e| step("reading the bridge config", e))?;
+        if existing_bridge.as_deref().is_some_and(|t| t != bridge_text) && !flags.force {
+            return Err(step(
+                "writing the bridge config",
+                NetworkError::FileDiffers(bridge_path.clone()),
+            ));
+        }
+        let existing_iface =
+            read_optional(&iface_path).map_err(|e| step("reading the interface config", e))?;
+        let iface_text = enslaved_ifcfg(existing_iface.as_deref(), &interface, &flags.bridge);
+
+        if network_exists {
+            println!("Docker network {} exists already", flags.name);
+        } else {
+            let args = network_args(flags, subnet, &addr.to_string(), gateway);
+            run("docker", &args).map_err(|e| step("docker network create", e))?;
+            done.push(Done::CreatedNetwork(flags.name.clone()));
+            println!("created Docker network {}", flags.name);
+        }
+
+        for (path, text, existing) in [
+            (&bridge_path, &bridge_text, existing_bridge),
+            (&iface_path, &iface_text, existing_iface),
+        ] {
+            if existing.as_deref() == Some(text.as_str()) {
+                println!("{} is up to date", path.display());
+                continue;
+            }
+            let backup = write_atomically(path, text, existing.is_some())
+                .map_err(|e| step(&format!("writing {}", path.display()), e))?;
+            match &backup {
+                Some(b) => println!(
+                    "wrote {} (the original is kept as {})",
+                    path.display(),
+                    b.display()
+                ),
+                None => println!("wrote {}", path.display()),
+            }
+            done.push(Done::WroteFile {
+                path: path.clone(),
+                backup,
+            });
+        }
+
+        if !flags.no_restart {
+            if run("systemctl", &["is-active", "--quiet", "NetworkManager"]).is_ok() {
+                run("systemctl", &["stop", "NetworkManager"])
+                    .map_err(|e| step("stopping NetworkManager", e))?;
+                done.push(Done::StoppedNetworkManager);
+                run("systemctl", &["disable", "NetworkManager"])
+                    .map_err(|e| step("disabling NetworkManager", e))?;
+                println!("stopped and disabled NetworkManager");
+            }
+            run("systemctl", &["restart", "network"])
+                .map_err(|e| step("restarting the network service", e))?;
+            println!("restarted the network service");
+        }
+        Ok(())
+    })();
+
+    match result {
+        Ok(()) => Ok(()),
+        Err((step, error)) => {
+            let undone = undo(&mut alloc, &hosts, done);
+            Err(NetworkError::Step {
+                step,
+                error,
+                undone,
+            })
+        }
+    }
+}
+
+fn step(name: &str, error: impl fmt::Display) -> (String, String) {
+    (name.to_string(), error.to_string())
+}
+
+/// Undoes `done` in reverse order; says what was undone and what could not be.
+fn undo<K: Kv>(
+    alloc: &mut Allocator<K>,
+    hosts: &crate::layout::PoolKeys,
+    done: Vec<Done>,
+) -> Vec<String> {
+    let mut said = Vec::new();
+    for action in done.into_iter().rev() {
+        let (what, result) = match action {
+            Done::StoppedNetworkManager => (
+                "started NetworkManager again".to_string(),
+                run("systemctl", &["enable", "--now", "NetworkManager"]).map(|_| ()),
+            ),
+            Done::WroteFile {
+                path,
+                backup: Some(backup),
+            } => (
+                format!("restored {}", path.display()),
+                fs::rename(&backup, &path).map_err(|e| e.to_string()),
+            ),
+            Done::WroteFile { path, backup: None } => (
+                format!("removed {}", path.display()),
+                fs::remove_file(&path).map_err(|e| e.to_string()),
+            ),
+            Done::CreatedNetwork(name) => (
+                format!("removed Docker network {name}"),
+                run("docker", &["network", "rm", &name]).map(|_| ()),
+            ),
+            Done::TookAddress(addr) => (
+                format!("released host address {addr}"),
+                alloc
+                    .release_any(hosts, addr)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            ),
+        };
+        match result {
+            Ok(()) => said.push(what),
+            Err(e) => said.push(format!("NOT {what} ({e})")),
+        }
+    }
+    said
+}
+
+/// The host address this host already holds, if any.
+fn held_by<K: Kv>(kv: &K, layout: &Layout, host: &str) -> Result<Option<Ipv4Addr>, NetworkError> {
+    let hosts = layout.hosts();
+    let assigned = kv.range(&Range::prefix(hosts.assigned_dir.as_str()))?;
+    Ok(assigned.iter().find_map(|kv| {
+        let owner = Owner::from_json(&kv.value)?;
+        (owner.role == Role::Host && owner.host == host)
+            .then(|| hosts.addr_of(&kv.key))
+            .flatten()
+    }))
+}
+
+fn network_args(
+    flags: &NetworkFlags,
+    subnet: Ipv4Net,
+    addr: &str,
+    gateway: Ipv4Addr,
+) -> Vec<String> {
+    vec![
+        "network".into(),
+        "create".into(),
+        "--opt=com.docker.network.bridge.enable_icc=true".into(),
+        "--opt=com.docker.network.bridge.enable_ip_masquerade=false".into(),
+        "--opt=com.docker.network.bridge.host_binding_ipv4=0.0.0.0".into(),
+        format!("--opt=com.docker.network.bridge.name={}", flags.bridge),
+        format!("--opt=com.docker.network.driver.mtu={}", flags.mtu),
+        format!("--ipam-driver={IPAM_DRIVER}"),
+        format!("--subnet={subnet}"),
+        format!("--gateway={addr}"),
+        format!("--aux-address=DefaultGatewayIPv4={gateway}"),
+        flags.name.clone(),
+    ]
+}
+
+fn docker_network_exists(name: &str) -> bool {
+    run(
+        "docker",
+        &["network", "inspect", "--format", "{{.Name}}", name],
+    )
+    .is_ok()
+}
+
+/// The device of the route to `gateway`, as `ip route get` tells.
+fn route_interface(gateway: Ipv4Addr) -> Result<String, NetworkError> {
+    let out = run("ip", &["-4", "route", "get", &gateway.to_string()])
+        .map_err(NetworkError::NoInterface)?;
+    let mut words = out.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == "dev" {
+            if let Some(dev) = words.next() {
+                return Ok(dev.to_string());
+            }
+        }
+    }
+    Err(NetworkError::NoInterface(format!(
+        "no device in {:?}",
+        out.trim()
+    )))
+}
+
+/// Runs a program; its stdout on success, else its stderr's last line (or why it did not run).
+fn run<S: AsRef<str>>(program: &str, args: &[S]) -> Result<String, String> {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+    log::debug!("running {program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(&args)
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    Err(format!(
+        "{program} {} exited with {}: {last}",
+        args.first().copied().unwrap_or_default(),
+        out.status
+    ))
+}
+
+fn read_optional(path: &Path) -> io::Result<Option<String>> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Replaces `path` with `text` through a temporary file and a rename, so that it is never
+/// seen half-written. If it existed, the original is first copied to a `.bak` beside it
+/// (network scripts ignore `*.bak`); returns that backup's path.
+fn write_atomically(path: &Path, text: &str, existed: bool) -> io::Result<Option<PathBuf>> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let backup = if existed {
+        let stamp = crate::layout::rfc3339_now().replace([':', '-'], "");
+        let backup = dir.join(format!("{name}.{}.bak", &stamp[..15]));
+        fs::copy(path, &backup)?;
+        Some(backup)
+    } else {
+        None
+    };
+    let temp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let written = (|| {
+        let mut file = fs::File::create(&temp)?;
+        file.write_all(text.as_bytes())?;
+        file.set_permissions(fs::Permissions::from_mode(0o644))?;
+        file.sync_all()?;
+        fs::rename(&temp, path)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&temp);
+        if let Some(b) = &backup {
+            let _ = fs::remove_file(b);
+        }
+        return Err(e);
+    }
+    Ok(backup)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bridge_config_matches_the_seed() {
+        let text = bridge_ifcfg(
+            "br0",
+            "192.0.2.85".parse().unwrap(),
+            "192.0.2.1".parse().unwrap(),
+            "192.0.0.0/18".parse().unwrap(),
+            1500,
+        );
+        assert_eq!(
+            text,
+            "DEVICE=br0\nTYPE=Bridge\nBOOTPROTO=static\nIPADDR=192.0.2.85\nGATEWAY=192.0.2.1\n\
+             NETMASK=255.255.192.0\nONBOOT=yes\nNOZEROCONF=yes\nIPV6INIT=no\nNM_CONTROLLED=no\nDELAY=0\n"
+        );
+    }
+
+    #[test]
+    fn enslaving_adds_or_replaces_one_bridge_line() {
+        let old = "DEVICE=eth0\nONBOOT=yes\nBRIDGE=br9\n";
+        assert_eq!(
+            enslaved_ifcfg(Some(old), "eth0", "br0"),
+            "DEVICE=eth0\nONBOOT=yes\nBRIDGE=br0\n"
+        );
+        let fresh = enslaved_ifcfg(None, "eth0", "br0");
+        assert!(fresh.starts_with("DEVICE=eth0\n") && fresh.ends_with("BRIDGE=br0\n"));
+        let again = enslaved_ifcfg(Some(&fresh), "eth0", "br0");
+        assert_eq!(again, fresh);
+    }
+
+    #[test]
+    fn atomic_writes_keep_a_backup() {
+        let dir = std::env::temp_dir().join(format!("oam-net-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ifcfg-br0");
+        assert_eq!(write_atomically(&path, "one\n", false).unwrap(), None);
+        let backup = write_atomically(&path, "two\n", true).unwrap().unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "two\n");
+        assert_eq!(fs::read_to_string(&backup).unwrap(), "one\n");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,443 @@
+//! Defining pools: adding a range of container or host addresses, with its network's config,
+//! in batched transactions that never pool an address that is in use. Running the same
+//! definition twice changes nothing.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use crate::addr::{is_host_of, AddrRange};
+use crate::kv::{Compare, Kv, Op, Range, StoreError, Txn, MAX_TXN_OPS};
+use crate::layout::{ContainerConfig, HostsConfig, Layout, PoolKeys};
+
+/// Why a range could not be added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolError {
+    /// Some of the range's addresses belong to the other kind of pool (hosts and containers
+    /// share one subnet, so the overlap would hand one address to both).
+    Overlap {
+        first: Ipv4Addr,
+        count: usize,
+        other: &'static str,
+    },
+    /// A config already stored for this pool says something else.
+    ConfigMismatch {
+        key: String,
+        stored: String,
+        wanted: String,
+    },
+    /// The hosts' gateway is not a host address of their subnet.
+    GatewayOutside { gateway: Ipv4Addr, subnet: Ipv4Net },
+    /// The hosts' gateway is already in the container pool.
+    GatewayPooled { gateway: Ipv4Addr },
+    /// The store failed; what was written before stays (each address whole), and running the
+    /// same command again completes it.
+    Store(StoreError),
+}
+
+impl fmt::Display for PoolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PoolError::Overlap {
+                first,
+                count,
+                other,
+            } => write!(
+                f,
+                "the range overlaps {other}: {count} of its addresses (first {first}) are there"
+            ),
+            PoolError::ConfigMismatch {
+                key,
+                stored,
+                wanted,
+            } => {
+                write!(f, "{key} already holds {stored}, not {wanted}")
+            }
+            PoolError::GatewayOutside { gateway, subnet } => {
+                write!(f, "gateway {gateway} is not a host address of {subnet}")
+            }
+            PoolError::GatewayPooled { gateway } => write!(
+                f,
+                "gateway {gateway} is in the container pool; release-ip it and remove it first"
+            ),
+            PoolError::Store(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for PoolError {}
+
+impl From<StoreError> for PoolError {
+    fn from(e: StoreError) -> PoolError {
+        PoolError::Store(e)
+    }
+}
+
+/// What adding a range did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AddReport {
+    /// Put into `pool/` by this run.
+    pub added: u64,
+    /// Already free in `pool/`.
+    pub already_free: u64,
+    /// In `assigned/`: left there.
+    pub in_use: u64,
+    /// Never pooled: network, broadcast or gateway address.
+    pub skipped: u64,
+}
+
+impl fmt::Display for AddReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} added, {} already in the pool, {} in use (left assigned), {} skipped \
+             (network, broadcast or gateway address)",
+            self.added, self.already_free, self.in_use, self.skipped
+        )
+    }
+}
+
+/// Reports progress of a long write: (addresses handled, addresses to handle).
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// `ip-range`: adds `range` to the container pool of its network.
+pub fn add_container_range<K: Kv>(
+    kv: &K,
+    layout: &Layout,
+    range: AddrRange,
+    progress: Progress,
+) -> Result<AddReport, PoolError> {
+    let hosts = layout.hosts();
+    let mut excluded = Vec::new();
+    if let Some((_, gateway)) = read_hosts_config(kv, layout)?.and_then(|c| c.parsed()) {
+        excluded.push(gateway);
+    }
+    let host_addrs = addrs_in(kv, &hosts)?;
+    refuse_overlap(range, &host_addrs, "the host range")?;
+
+    let config_key = layout.container_config(range.net.network());
+    let config = json(&ContainerConfig::new(range.net));
+    check_config(kv, &config_key, &config)?;
+    let keys = layout.containers(range.net.network());
+    fill(
+        kv,
+        &keys,
+        range,
+        &excluded,
+        progress,
+        (&config_key, &config),
+    )
+}
+
+/// `host-range`: adds `range` to the host pool and records the hosts' subnet and gateway.
+pub fn add_host_range<K: Kv>(
+    kv: &K,
+    layout: &Layout,
+    range: AddrRange,
+    gateway: Ipv4Addr,
+    progress: Progress,
+) -> Result<AddReport, PoolError> {
+    if !is_host_of(gateway, range.net) {
+        return Err(PoolError::GatewayOutside {
+            gateway,
+            subnet: range.net,
+        });
+    }
+    let containers = layout.containers(range.net.network());
+    let container_addrs = addrs_in(kv, &containers)?;
+    refuse_overlap(range, &container_addrs, "the container pool")?;
+    if container_addrs.contains(&gateway) {
+        return Err(PoolError::GatewayPooled { gateway });
+    }
+
+    let config_key = layout.hosts_config();
+    let config = json(&HostsConfig::new(range.net, gateway));
+    check_config(kv, &config_key, &config)?;
+    fill(
+        kv,
+        &layout.hosts(),
+        range,
+        &[gateway],
+        progress,
+        (&config_key, &config),
+    )
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    // Serializing a struct of strings cannot fail.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn read_hosts_config<K: Kv>(kv: &K, layout: &Layout) -> Result<Option<HostsConfig>, PoolError> {
+    let stored = kv.range(&Range::key(layout.hosts_config()))?;
+    Ok(stored
+        .first()
+        .and_then(|kv| serde_json::from_str(&kv.value).ok()))
+}
+
+/// Every address in a pool's two directories.
+fn addrs_in<K: Kv>(kv: &K, keys: &PoolKeys) -> Result<HashSet<Ipv4Addr>, PoolError> {
+    let mut found = HashSet::new();
+    for dir in [&keys.pool_dir, &keys.assigned_dir] {
+        let kvs = kv.range(&Range::prefix(dir.as_str()).keys_only())?;
+        found.extend(kvs.iter().filter_map(|kv| keys.addr_of(&kv.key)));
+    }
+    Ok(found)
+}
+
+fn refuse_overlap(
+    range: AddrRange,
+    others: &HashSet<Ipv4Addr>,
+    other: &'static str,
+) -> Result<(), PoolError> {
+    let mut overlap: Vec<Ipv4Addr> = others
+        .iter()
+        .copied()
+        .filter(|a| range.contains(*a))
+        .collect();
+    overlap.sort();
+    match overlap.first() {
+        None => Ok(()),
+        Some(first) => Err(PoolError::Overlap {
+            first: *first,
+            count: overlap.len(),
+            other,
+        }),
+    }
+}
+
+/// Refuses early if the config key holds something other than `wanted`.
+fn check_config<K: Kv>(kv: &K, key: &str, wanted: &str) -> Result<(), PoolError> {
+    match kv.range(&Range::key(key))?.first() {
+        Some(stored) if stored.value != wanted => Err(PoolError::ConfigMismatch {
+            key: key.into(),
+            stored: stored.value.clone(),
+            wanted: wanted.into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Puts every poolable address of `range` that is in neither directory into `pool/`, each
+/// guarded by "not in `assigned/`", then writes the config. The config goes last: until it
+/// is there Docker cannot use the pool, so an interrupted run leaves nothing half-usable.
+fn fill<K: Kv>(
+    kv: &K,
+    keys: &PoolKeys,
+    range: AddrRange,
+    excluded: &[Ipv4Addr],
+    progress: Progress,
+    (config_key, config): (&str, &str),
+) -> Result<AddReport, PoolError> {
+    let free: HashSet<Ipv4Addr> = addrs_of_dir(kv, keys, &keys.pool_dir)?;
+    let used: HashSet<Ipv4Addr> = addrs_of_dir(kv, keys, &keys.assigned_dir)?;
+    let mut report = AddReport::default();
+    let mut missing = Vec::new();
+    for addr in range.poolable(excluded) {
+        if free.contains(&addr) {
+            report.already_free += 1;
+        } else if used.contains(&addr) {
+            report.in_use += 1;
+        } else {
+            missing.push(addr);
+        }
+    }
+    report.skipped = range.len() - report.already_free - report.in_use - missing.len() as u64;
+
+    let total = missing.len() as u64;
+    let mut done = 0;
+    for batch in missing.chunks(MAX_TXN_OPS) {
+        let txn = Txn {
+            compares: batch
+                .iter()
+                .map(|a| Compare::Absent(keys.assigned(*a)))
+                .collect(),
+            success: batch.iter().map(|a| Op::put(keys.pool(*a), "")).collect(),
+            failure: vec![],
+        };
+        if kv.txn(&txn)?.succeeded {
+            report.added += batch.len() as u64;
+        } else {
+            // Someone took one of these since we looked: go one by one.
+            for addr in batch {
+                let one = Txn {
+                    compares: vec![Compare::Absent(keys.assigned(*addr))],
+                    success: vec![Op::put(keys.pool(*addr), "")],
+                    failure: vec![],
+                };
+                if kv.txn(&one)?.succeeded {
+                    report.added += 1;
+                } else {
+                    report.in_use += 1;
+                }
+            }
+        }
+        done += batch.len() as u64;
+        progress(done, total);
+    }
+
+    let write_config = Txn {
+        compares: vec![Compare::Absent(config_key.into())],
+        success: vec![Op::put(config_key, config)],
+        failure: vec![Op::Range(Range::key(config_key))],
+    };
+    let outcome = kv.txn(&write_config)?;
+    if let Some(stored) = outcome.range(0).first() {
+        if stored.value != config {
+            return Err(PoolError::ConfigMismatch {
+                key: config_key.into(),
+                stored: stored.value.clone(),
+                wanted: config.into(),
+            });
+        }
+    }
+    Ok(report)
+}
+
+fn addrs_of_dir<K: Kv>(kv: &K, keys: &PoolKeys, dir: &str) -> Result<HashSet<Ipv4Addr>, PoolError> {
+    let kvs = kv.range(&Range::prefix(dir).keys_only())?;
+    Ok(kvs.iter().filter_map(|kv| keys.addr_of(&kv.key)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::memory::MemKv;
+
+    fn range(a: &str, b: &str) -> AddrRange {
+        AddrRange::parse(a, b).unwrap()
+    }
+
+    fn quiet() -> impl FnMut(u64, u64) {
+        |_, _| {}
+    }
+
+    #[test]
+    fn adds_a_range_once() {
+        let kv = MemKv::new();
+        let l = Layout::new("/t");
+        let r = range("192.0.2.0/24", "192.0.2.255/24");
+        let first = add_container_range(&kv, &l, r, &mut quiet()).unwrap();
+        assert_eq!(
+            first,
+            AddReport {
+                added: 254,
+                already_free: 0,
+                in_use: 0,
+                skipped: 2
+            }
+        );
+        let before = kv.dump();
+        let again = add_container_range(&kv, &l, r, &mut quiet()).unwrap();
+        assert_eq!(
+            again,
+            AddReport {
+                added: 0,
+                already_free: 254,
+                in_use: 0,
+                skipped: 2
+            }
+        );
+        assert_eq!(kv.dump(), before);
+        assert!(before.contains(&(
+            "/t/containers/192.0.2.0/config".to_string(),
+            r#"{"Ipnet":"192.0.2.0","Mask":"24"}"#.to_string()
+        )));
+    }
+
+    #[test]
+    fn hosts_and_containers_never_overlap_and_the_gateway_is_never_pooled() {
+        let kv = MemKv::new();
+        let l = Layout::new("/t");
+        let gw: Ipv4Addr = "192.0.2.1".parse().unwrap();
+        add_host_range(
+            &kv,
+            &l,
+            range("192.0.2.1/24", "192.0.2.20/24"),
+            gw,
+            &mut quiet(),
+        )
+        .unwrap();
+        assert!(!kv
+            .dump()
+            .iter()
+            .any(|(k, _)| k == "/t/hosts/pool/192.0.2.1"));
+        let before = kv.dump();
+        let err = add_container_range(
+            &kv,
+            &l,
+            range("192.0.2.15/24", "192.0.2.30/24"),
+            &mut quiet(),
+        );
+        assert!(
+            matches!(err, Err(PoolError::Overlap { count: 6, .. })),
+            "{err:?}"
+        );
+        assert_eq!(kv.dump(), before);
+        let err = add_host_range(
+            &kv,
+            &l,
+            range("192.0.2.1/24", "192.0.2.20/24"),
+            "192.0.2.2".parse().unwrap(),
+            &mut quiet(),
+        );
+        assert!(
+            matches!(err, Err(PoolError::ConfigMismatch { .. })),
+            "{err:?}"
+        );
+        let err = add_host_range(
+            &kv,
+            &l,
+            range("192.0.2.1/24", "192.0.2.20/24"),
+            "198.51.100.1".parse().unwrap(),
+            &mut quiet(),
+        );
+        assert!(
+            matches!(err, Err(PoolError::GatewayOutside { .. })),
+            "{err:?}"
+        );
+        assert_eq!(kv.dump(), before);
+    }
+
+    #[test]
+    fn assigned_addresses_stay_assigned() {
+        let kv = MemKv::new();
+        let l = Layout::new("/t");
+        let keys = l.containers("192.0.2.0".parse().unwrap());
+        kv.txn(&Txn {
+            success: vec![Op::put(keys.assigned("192.0.2.5".parse().unwrap()), "x")],
+            ..Txn::default()
+        })
+        .unwrap();
+        let report =
+            add_container_range(&kv, &l, range("192.0.2.1/24", "192.0.2.9/24"), &mut quiet())
+                .unwrap();
+        assert_eq!(
+            report,
+            AddReport {
+                added: 8,
+                already_free: 0,
+                in_use: 1,
+                skipped: 0
+            }
+        );
+        assert!(!kv
+            .dump()
+            .iter()
+            .any(|(k, _)| k == &keys.pool("192.0.2.5".parse().unwrap())));
+    }
+
+    #[test]
+    fn a_different_mask_for_the_same_network_is_refused() {
+        let kv = MemKv::new();
+        let l = Layout::new("/t");
+        add_container_range(&kv, &l, range("192.0.2.1/24", "192.0.2.9/24"), &mut quiet()).unwrap();
+        let err = add_container_range(&kv, &l, range("192.0.2.1/25", "192.0.2.9/25"), &mut quiet());
+        assert!(
+            matches!(err, Err(PoolError::ConfigMismatch { .. })),
+            "{err:?}"
+        );
+    }
+}
