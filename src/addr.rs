@@ -127,14 +127,14 @@ impl AddrRange {
             start: first.addr(),
             end: last.addr(),
         };
-        if range.len() > MAX_RANGE_LEN {
-            return Err(AddrError::TooLarge { len: range.len() });
+        if range.size() > MAX_RANGE_LEN {
+            return Err(AddrError::TooLarge { len: range.size() });
         }
         Ok(range)
     }
 
-    /// How many addresses the range spans, both ends included.
-    pub fn len(&self) -> u64 {
+    /// How many addresses the range spans, both ends included (never 0).
+    pub fn size(&self) -> u64 {
         u64::from(u32::from(self.end)) - u64::from(u32::from(self.start)) + 1
     }
 
@@ -168,7 +168,7 @@ mod tests {
     fn parses_a_range_in_one_network() {
         let r = AddrRange::parse("192.0.2.100/24", "192.0.2.200/24").unwrap();
         assert_eq!(r.net.to_string(), "192.0.2.0/24");
-        assert_eq!(r.len(), 101);
+        assert_eq!(r.size(), 101);
         assert_eq!(r.addrs().next(), Some(a("192.0.2.100")));
         assert_eq!(r.addrs().last(), Some(a("192.0.2.200")));
     }
@@ -236,7 +236,7 @@ mod tests {
     #[test]
     fn a_slash_16_is_the_largest_range() {
         let r = AddrRange::parse("198.18.0.0/16", "198.18.255.255/16").unwrap();
-        assert_eq!(r.len(), 65_536);
+        assert_eq!(r.size(), 65_536);
         assert_eq!(r.poolable(&[]).count(), 65_534);
     }
 

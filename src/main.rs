@@ -19,8 +19,10 @@ fn main() -> ExitCode {
     } else {
         log::LevelFilter::Info
     };
+    // Our own debug lines only: the HTTP crates' are noise to an operator.
     env_logger::Builder::new()
-        .filter_level(level)
+        .filter_level(log::LevelFilter::Warn)
+        .filter_module("oam_docker_ipam", level)
         .format_target(false)
         .parse_env("RUST_LOG")
         .init();

@@ -244,7 +244,7 @@ fn fill<K: Kv>(
             missing.push(addr);
         }
     }
-    report.skipped = range.len() - report.already_free - report.in_use - missing.len() as u64;
+    report.skipped = range.size() - report.already_free - report.in_use - missing.len() as u64;
 
     let total = missing.len() as u64;
     let mut done = 0;

@@ -163,24 +163,24 @@ pub fn serve(
         Listener::Bound { listener, path } => (listener, Some(path)),
         Listener::Inherited(listener) => (listener, None),
     };
-    let result = tiny_http::Server::from_listener(unix, None)
-        .map_err(|e| ServerError::Http(e.to_string()))
-        .map(|server| {
-            while !stop.load(Ordering::Relaxed) {
-                match server.recv_timeout(POLL) {
-                    Ok(Some(request)) => answer(request, &mut handler),
-                    Ok(None) => {}
-                    Err(e) => log::warn!("receiving a request failed: {e}"),
-                }
-            }
-            log::info!("stopping on signal");
-        });
-    if let Some(path) = bound_path {
-        if let Err(e) = std::fs::remove_file(&path) {
-            log::warn!("cannot remove {}: {e}", path.display());
+    let inherited = bound_path.is_none();
+    let server = tiny_http::Server::from_listener(unix, None)
+        .map_err(|e| ServerError::Http(e.to_string()))?;
+    while !stop.load(Ordering::Relaxed) {
+        match server.recv_timeout(POLL) {
+            Ok(Some(request)) => answer(request, &mut handler),
+            Ok(None) => {}
+            Err(e) => log::warn!("receiving a request failed: {e}"),
         }
     }
-    result
+    log::info!("stopping on signal");
+    if inherited {
+        // tiny_http's drop unlinks the socket's path, which belongs to systemd's socket unit:
+        // dockerd would no longer find the plugin. The process exits next; let it go undropped.
+        std::mem::forget(server);
+    }
+    // Dropping the server unlinks the socket file this process bound.
+    Ok(())
 }
 
 fn answer(

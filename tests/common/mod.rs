@@ -1,0 +1,421 @@
+//! Test helpers: a real etcd on free loopback ports, the binary under test, a client for the
+//! plugin's Unix socket that speaks like dockerd, and a reader of etcd through etcdctl.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_oam-docker-ipam");
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("oam-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("port")
+        .port()
+}
+
+/// An etcd server (Debian's etcd-server) on loopback. A shell watchdog stops it by PID when
+/// the test process exits, so a failing or aborted test binary never leaves it running.
+pub struct Etcd {
+    pub url: String,
+    peer_url: String,
+    dir: PathBuf,
+    watchdog: Option<Child>,
+}
+
+impl Etcd {
+    /// Starts an etcd of its own (for tests that stop it).
+    pub fn start(tag: &str) -> Etcd {
+        let dir = std::env::temp_dir().join(format!("oam-etcd-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("etcd dir");
+        let mut etcd = Etcd {
+            url: format!("http://127.0.0.1:{}", free_port()),
+            peer_url: format!("http://127.0.0.1:{}", free_port()),
+            dir,
+            watchdog: None,
+        };
+        etcd.run();
+        etcd
+    }
+
+    /// The etcd shared by every test of this test binary (each uses its own key prefix).
+    pub fn shared() -> &'static Etcd {
+        static SHARED: OnceLock<Etcd> = OnceLock::new();
+        SHARED.get_or_init(|| Etcd::start("shared"))
+    }
+
+    fn run(&mut self) {
+        assert!(
+            Command::new("etcd")
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success()),
+            "etcd is not installed: run the README's test command (apt-get install etcd-server)"
+        );
+        let script = r#"
+            etcd --name t --data-dir "$1/data" --listen-client-urls "$2" --advertise-client-urls "$2" \
+                 --listen-peer-urls "$3" --initial-advertise-peer-urls "$3" \
+                 --initial-cluster "t=$3" >>"$1/log" 2>&1 &
+            pid=$!
+            echo $pid >"$1/pid"
+            while kill -0 "$4" 2>/dev/null && kill -0 $pid 2>/dev/null; do sleep 0.2; done
+            kill $pid 2>/dev/null; wait $pid
+            kill -0 "$4" 2>/dev/null || rm -rf "$1"
+        "#;
+        let child = Command::new("sh")
+            .args(["-c", script, "etcd-watchdog"])
+            .arg(&self.dir)
+            .arg(&self.url)
+            .arg(&self.peer_url)
+            .arg(std::process::id().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start etcd");
+        self.watchdog = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if http_get(&self.url, "/health").is_some_and(|b| b.contains("true")) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+        panic!("etcd did not become healthy at {}:\n{log}", self.url);
+    }
+
+    /// Stops etcd (by its PID) and waits for it to exit; the data stays for `restart`.
+    pub fn stop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.run();
+    }
+
+    /// Every key under `prefix` with its value, in key order, read with etcdctl.
+    pub fn dump(&self, prefix: &str) -> Vec<(String, String)> {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.url, "get", "--prefix", prefix])
+            .output()
+            .expect("run etcdctl");
+        assert!(
+            out.status.success(),
+            "etcdctl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        lines
+            .chunks(2)
+            .map(|kv| (kv[0].to_string(), kv.get(1).unwrap_or(&"").to_string()))
+            .collect()
+    }
+
+    /// Writes one key with etcdctl.
+    pub fn put(&self, key: &str, value: &str) {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.url, "put", key, value])
+            .output()
+            .expect("run etcdctl");
+        assert!(
+            out.status.success(),
+            "etcdctl put: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A plain HTTP GET over TCP to loopback; the body, or None if nothing answered.
+pub fn http_get(base: &str, path: &str) -> Option<String> {
+    let addr = base.strip_prefix("http://")?;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.split("\r\n\r\n").nth(1).map(str::to_string)
+}
+
+/// A key prefix no other test uses.
+pub fn unique_prefix(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "/test-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs the binary with `--cluster-store URL --store-prefix PREFIX` and `args`.
+pub fn cli(url: &str, prefix: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args([
+            "--cluster-store",
+            url,
+            "--store-prefix",
+            prefix,
+            "--timeout",
+            "2",
+        ])
+        .args(args)
+        .env_remove("CLUSTER_STORE")
+        .env_remove("DEBUG")
+        .output()
+        .expect("run the binary")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts success and returns stdout.
+pub fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed ({:?}): {}{}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// Asserts failure with `code` and a one-line error containing `needle`.
+pub fn fails(o: Output, code: i32, needle: &str) {
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "stdout {} stderr {err}",
+        stdout(&o)
+    );
+    let line = err.trim();
+    assert!(!line.contains('\n'), "error is not one line: {err}");
+    assert!(
+        line.contains(needle),
+        "error {line:?} does not say {needle:?}"
+    );
+}
+
+/// A running `server`, stopped by PID (SIGTERM, then SIGKILL) on drop.
+pub struct Server {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl Server {
+    pub fn start(url: &str, prefix: &str, socket: &Path) -> Server {
+        Server::start_with(Command::new(BIN), url, prefix, socket)
+    }
+
+    pub fn start_with(mut command: Command, url: &str, prefix: &str, socket: &Path) -> Server {
+        let child = command
+            .args([
+                "--cluster-store",
+                url,
+                "--store-prefix",
+                prefix,
+                "--timeout",
+                "2",
+            ])
+            .args(["server", "--socket"])
+            .arg(socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the server");
+        let server = Server {
+            child,
+            socket: socket.to_path_buf(),
+        };
+        wait_for_socket(socket);
+        server
+    }
+
+    /// Sends `signal` (by PID) and waits for the exit status.
+    pub fn signal_and_wait(&mut self, signal: &str) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "server did not exit on {signal}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What the server logged (after it exited).
+    pub fn log(&mut self) -> String {
+        let mut text = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut text);
+        }
+        text
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .arg(self.child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn wait_for_socket(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if UnixStream::connect(socket).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listens on {}", socket.display());
+}
+
+/// A keep-alive HTTP/1.1 connection to the plugin, sending what dockerd sends.
+pub struct PluginClient {
+    reader: BufReader<UnixStream>,
+}
+
+/// One answer: status, Content-Type, body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+impl PluginClient {
+    pub fn connect(socket: &Path) -> PluginClient {
+        let stream = UnixStream::connect(socket).expect("connect to the plugin");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        PluginClient {
+            reader: BufReader::new(stream),
+        }
+    }
+
+    pub fn call(&mut self, path: &str, body: &str) -> Reply {
+        self.send_raw(path, body.as_bytes())
+    }
+
+    pub fn send_raw(&mut self, path: &str, body: &[u8]) -> Reply {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: \r\nUser-Agent: Go-http-client/1.1\r\nContent-Length: {}\r\n\
+             Accept: application/vnd.docker.plugins.v1.2+json\r\nAccept-Encoding: gzip\r\n\r\n",
+            body.len()
+        );
+        let stream = self.reader.get_mut();
+        stream.write_all(head.as_bytes()).expect("send head");
+        stream.write_all(body).expect("send body");
+        self.read_reply()
+    }
+
+    fn read_reply(&mut self) -> Reply {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("status line");
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {line:?}"));
+        let (mut length, mut content_type) = (0usize, String::new());
+        loop {
+            let mut header = String::new();
+            self.reader.read_line(&mut header).expect("header");
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            let (name, value) = header.split_once(':').unwrap_or((header, ""));
+            match name.to_ascii_lowercase().as_str() {
+                "content-length" => length = value.trim().parse().expect("length"),
+                "content-type" => content_type = value.trim().to_string(),
+                _ => {}
+            }
+        }
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body).expect("body");
+        Reply {
+            status,
+            content_type,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+}
