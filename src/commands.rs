@@ -110,12 +110,12 @@ pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
         }
         Command::Server { socket } => {
             let host = crate::layout::host_name();
+            let listener = server::listen(&socket)?;
             log::info!(
                 "oam-docker-ipam {} serving pools under {} for host {host}",
                 env!("CARGO_PKG_VERSION"),
                 global.store_prefix
             );
-            let listener = server::listen(&socket)?;
             let mut plugin = Plugin::new(etcd(), layout, host);
             server::serve(listener, |path, body| {
                 let answer = match body {

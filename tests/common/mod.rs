@@ -120,7 +120,10 @@ impl Etcd {
     /// Stops etcd (by its PID) and waits for it to exit; the data stays for `restart`.
     pub fn stop(&mut self) {
         if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
-            let _ = Command::new("kill").arg(pid.trim()).status();
+            let _ = Command::new("kill")
+                .arg(pid.trim())
+                .stderr(Stdio::null())
+                .status();
         }
         if let Some(mut w) = self.watchdog.take() {
             let _ = w.wait();
@@ -258,10 +261,18 @@ pub struct Server {
 
 impl Server {
     pub fn start(url: &str, prefix: &str, socket: &Path) -> Server {
-        Server::start_with(Command::new(BIN), url, prefix, socket)
+        Server::start_with(Command::new(BIN), url, prefix, socket, socket)
     }
 
-    pub fn start_with(mut command: Command, url: &str, prefix: &str, socket: &Path) -> Server {
+    /// Runs `command` (the binary, or a wrapper around it) as `server --socket socket_flag`
+    /// and waits until something answers on `listens_on`.
+    pub fn start_with(
+        mut command: Command,
+        url: &str,
+        prefix: &str,
+        socket_flag: &Path,
+        listens_on: &Path,
+    ) -> Server {
         let child = command
             .args([
                 "--cluster-store",
@@ -272,7 +283,7 @@ impl Server {
                 "2",
             ])
             .args(["server", "--socket"])
-            .arg(socket)
+            .arg(socket_flag)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -280,9 +291,9 @@ impl Server {
             .expect("start the server");
         let server = Server {
             child,
-            socket: socket.to_path_buf(),
+            socket: listens_on.to_path_buf(),
         };
-        wait_for_socket(socket);
+        wait_for_socket(listens_on);
         server
     }
 
