@@ -33,6 +33,8 @@ pub enum NetworkError {
     },
     /// A file exists with other content and `--force` was not given.
     FileDiffers(PathBuf),
+    /// The ifcfg directory does not exist.
+    NoIfcfgDir(PathBuf),
     /// The interface to enslave could not be found.
     NoInterface(String),
     /// A step failed; `undone` lists what was rolled back (and what could not be).
@@ -64,6 +66,7 @@ impl fmt::Display for NetworkError {
                 "{} exists with other content; use --force to replace it (a backup is kept)",
                 p.display()
             ),
+            NetworkError::NoIfcfgDir(p) => write!(f, "{} is not a directory", p.display()),
             NetworkError::NoInterface(why) => {
                 write!(
                     f,
@@ -167,6 +170,9 @@ pub fn create<K: Kv>(kv: K, layout: &Layout, flags: &NetworkFlags) -> Result<(),
         if held != asked {
             return Err(NetworkError::HoldsAnother { held, asked });
         }
+    }
+    if !flags.ifcfg_dir.is_dir() {
+        return Err(NetworkError::NoIfcfgDir(flags.ifcfg_dir.clone()));
     }
     let interface = match &flags.interface {
         Some(i) => i.clone(),
