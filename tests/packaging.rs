@@ -1,0 +1,294 @@
+//! Packaging checks: the RPM builds and holds exactly the expected files, with a binary that
+//! runs on CentOS 7; rpmlint, systemd-analyze and mandoc are clean; the help texts and the man
+//! page document the same commands and flags; the socket unit listens where the server does.
+
+mod common;
+
+use common::{ok, TempDir, BIN};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+fn repo(path: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn tool(program: &str, args: &[&str]) -> std::process::Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} is not installed: {e}"))
+}
+
+fn help(args: &[&str]) -> String {
+    ok(Command::new(BIN).args(args).output().unwrap())
+}
+
+#[test]
+fn the_rpm_holds_exactly_the_expected_files_and_a_binary_for_centos_7() {
+    let out = ok(Command::new(repo("packaging/build-rpm"))
+        .output()
+        .expect("run packaging/build-rpm"));
+    let rpm = out
+        .lines()
+        .last()
+        .expect("build-rpm printed nothing")
+        .trim()
+        .to_string();
+    assert!(
+        rpm.ends_with(".rpm") && Path::new(&rpm).is_file(),
+        "last line {rpm:?}"
+    );
+
+    let files = ok(tool("rpm", &["-qlp", &rpm]));
+    let want = [
+        "/etc/sysconfig/oam-docker-ipam".to_string(),
+        "/usr/bin/oam-docker-ipam".into(),
+        "/usr/lib/systemd/system/oam-docker-ipam.service".into(),
+        "/usr/lib/systemd/system/oam-docker-ipam.socket".into(),
+        format!("/usr/share/doc/oam-docker-ipam-{VERSION}"),
+        format!("/usr/share/doc/oam-docker-ipam-{VERSION}/README.md"),
+        format!("/usr/share/licenses/oam-docker-ipam-{VERSION}"),
+        format!("/usr/share/licenses/oam-docker-ipam-{VERSION}/LICENSE"),
+        "/usr/share/man/man8/oam-docker-ipam.8.gz".into(),
+    ];
+    assert_eq!(files.lines().collect::<Vec<_>>(), want);
+
+    let version = ok(tool("rpm", &["-qp", "--qf", "%{VERSION}", &rpm]));
+    assert_eq!(version, VERSION, "the RPM's version is not Cargo.toml's");
+    let flags = ok(tool(
+        "rpm",
+        &["-qp", "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\n]", &rpm],
+    ));
+    assert!(
+        flags
+            .lines()
+            .any(|l| l == "/etc/sysconfig/oam-docker-ipam cn"),
+        "{flags}"
+    );
+    let requires = ok(tool("rpm", &["-qp", "--requires", &rpm]));
+    for need in ["/usr/bin/docker", "iproute", "systemd"] {
+        assert!(
+            requires.lines().any(|l| l.trim() == need),
+            "no Requires {need}: {requires}"
+        );
+    }
+    let scripts = ok(tool("rpm", &["-qp", "--scripts", &rpm]));
+    for phase in ["postinstall", "preuninstall", "postuninstall"] {
+        assert!(scripts.contains(phase), "no {phase} scriptlet: {scripts}");
+    }
+    assert!(
+        scripts.contains("try-restart oam-docker-ipam.service"),
+        "{scripts}"
+    );
+
+    // The packaged binary: static, or no glibc symbol newer than CentOS 7's 2.17.
+    let dir = TempDir::new("rpm");
+    let unpack = Command::new("sh")
+        .arg("-c")
+        .arg("rpm2cpio \"$1\" | cpio -idm --quiet")
+        .arg("sh")
+        .arg(&rpm)
+        .current_dir(&dir.0)
+        .status()
+        .unwrap();
+    assert!(unpack.success());
+    let binary = dir.join("usr/bin/oam-docker-ipam");
+    let dynamic = ok(tool("readelf", &["-d", binary.to_str().unwrap()]));
+    let needed: Vec<&str> = dynamic.lines().filter(|l| l.contains("(NEEDED)")).collect();
+    let versions = ok(tool("readelf", &["-V", binary.to_str().unwrap()]));
+    let too_new: Vec<&str> = versions
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("GLIBC_"))
+        .filter(|v| {
+            let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+            (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) > (2, 17)
+        })
+        .collect();
+    assert!(
+        needed.is_empty() || too_new.is_empty(),
+        "needs {needed:?} with glibc {too_new:?}"
+    );
+    assert!(
+        needed.is_empty(),
+        "the packaged binary is not static: {needed:?}"
+    );
+    let runs = ok(Command::new(&binary).arg("--version").output().unwrap());
+    assert_eq!(runs.trim(), format!("oam-docker-ipam {VERSION}"));
+
+    let lint = tool(
+        "rpmlint",
+        &[
+            "-c",
+            repo("packaging/rpmlint.toml").to_str().unwrap(),
+            &rpm,
+            repo("packaging/oam-docker-ipam.spec").to_str().unwrap(),
+        ],
+    );
+    let said = common::stdout(&lint);
+    assert!(
+        lint.status.success() && said.contains(" 0 errors, 0 warnings"),
+        "rpmlint:\n{said}{}",
+        common::stderr(&lint)
+    );
+}
+
+#[test]
+fn both_systemd_units_verify() {
+    let dir = TempDir::new("units");
+    std::fs::create_dir_all(dir.join("man/man8")).unwrap();
+    std::fs::copy(
+        repo("man/oam-docker-ipam.8"),
+        dir.join("man/man8/oam-docker-ipam.8"),
+    )
+    .unwrap();
+    let service = std::fs::read_to_string(repo("systemd/oam-docker-ipam.service")).unwrap();
+    assert!(service.contains("ExecStart=/usr/bin/oam-docker-ipam server\n"));
+    // The same unit, with the binary where this build put it.
+    std::fs::write(
+        dir.join("oam-docker-ipam.service"),
+        service.replace("/usr/bin/oam-docker-ipam", BIN),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo("systemd/oam-docker-ipam.socket"),
+        dir.join("oam-docker-ipam.socket"),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .args([
+            "verify",
+            "oam-docker-ipam.socket",
+            "oam-docker-ipam.service",
+        ])
+        .current_dir(&dir.0)
+        .env("MANPATH", dir.join("man"))
+        .output()
+        .expect("systemd-analyze is installed");
+    let said = format!("{}{}", common::stdout(&out), common::stderr(&out));
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify:\n{said}"
+    );
+
+    for line in [
+        "Documentation=man:oam-docker-ipam(8)",
+        "EnvironmentFile=-/etc/sysconfig/oam-docker-ipam",
+        "Before=docker.service",
+        "Restart=on-failure",
+        "Requires=oam-docker-ipam.socket",
+    ] {
+        assert!(
+            service.lines().any(|l| l == line),
+            "the service lacks {line}"
+        );
+    }
+}
+
+#[test]
+fn the_socket_unit_listens_where_the_server_does() {
+    let socket = std::fs::read_to_string(repo("systemd/oam-docker-ipam.socket")).unwrap();
+    let listen: Vec<&str> = socket
+        .lines()
+        .filter_map(|l| l.strip_prefix("ListenStream="))
+        .collect();
+    let server_help = help(&["server", "--help"]);
+    let default = server_help
+        .split("(default ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .expect("server --help states its default socket");
+    assert_eq!(listen, vec![default]);
+    assert!(default.ends_with("/talkingdata.sock"));
+}
+
+#[test]
+fn the_man_page_lints_clean() {
+    let out = tool(
+        "mandoc",
+        &[
+            "-Tlint",
+            "-W",
+            "style",
+            repo("man/oam-docker-ipam.8").to_str().unwrap(),
+        ],
+    );
+    let said = format!("{}{}", common::stdout(&out), common::stderr(&out));
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "mandoc -Tlint:\n{said}"
+    );
+}
+
+/// Flags at the start of a help line (`  --flag VALUE  text`, `  -h, --help  text`).
+fn help_flags(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| l.starts_with("  -"))
+        .flat_map(|l| {
+            l.split_whitespace()
+                .take_while(|w| w.starts_with('-'))
+                .map(|w| w.trim_end_matches(',').to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Per man page section or command subsection: the flags of its `.TP` tags.
+fn man_flags() -> BTreeMap<String, BTreeSet<String>> {
+    let roff = std::fs::read_to_string(repo("man/oam-docker-ipam.8")).unwrap();
+    let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let (mut section, mut tag_next) = (String::new(), false);
+    for line in roff.lines() {
+        if let Some(name) = line.strip_prefix(".SH ") {
+            section = name.trim_matches('"').to_string();
+        } else if let Some(name) = line.strip_prefix(".SS ") {
+            section = name.to_string();
+            found.entry(section.clone()).or_default();
+        } else if line == ".TP" {
+            tag_next = true;
+        } else if tag_next {
+            tag_next = false;
+            let text = line.replace("\\-", "-");
+            let flags = text
+                .split(|c: char| c.is_whitespace() || c == '"' || c == ',')
+                .filter(|w| w.starts_with('-') && w.len() > 1)
+                .map(|w| w.split('=').next().unwrap_or(w).to_string());
+            found.entry(section.clone()).or_default().extend(flags);
+        }
+    }
+    found
+}
+
+#[test]
+fn help_and_man_page_document_the_same_commands_and_flags() {
+    let main = help(&["--help"]);
+    let commands: Vec<String> = main
+        .split("Commands:\n")
+        .nth(1)
+        .expect("--help lists commands")
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    let man = man_flags();
+    let man_commands: BTreeSet<&String> = man
+        .keys()
+        .filter(|k| k.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+        .collect();
+    assert_eq!(
+        man_commands,
+        commands.iter().collect::<BTreeSet<_>>(),
+        "commands in the man page vs --help"
+    );
+    assert_eq!(
+        man["GLOBAL FLAGS"],
+        help_flags(&main),
+        "global flags: man page vs --help"
+    );
+    for command in &commands {
+        let from_help = help_flags(&help(&[command, "--help"]));
+        assert_eq!(man[command], from_help, "{command}: man page vs --help");
+    }
+}
