@@ -153,16 +153,11 @@ impl<K: Kv> Allocator<K> {
             }
             let addr = self.candidate(keys, net);
             let (window_start, window_end) = window(keys, addr);
-            let txn = Txn {
-                compares: vec![
-                    Compare::Exists(keys.pool(addr)),
-                    Compare::Absent(keys.assigned(addr)),
-                ],
-                success: vec![
-                    Op::delete(keys.pool(addr)),
-                    Op::put(keys.assigned(addr), &value),
-                ],
-                failure: vec![
+            let txn = take_txn(
+                keys,
+                addr,
+                &value,
+                vec![
                     Op::Range(
                         Range::between(&window_start, &window_end)
                             .limit(WINDOW_LIMIT)
@@ -170,7 +165,7 @@ impl<K: Kv> Allocator<K> {
                     ),
                     Op::Range(Range::key(keys.assigned(addr))),
                 ],
-            };
+            );
             let outcome = self.kv.txn(&txn)?;
             if outcome.succeeded {
                 return Ok(addr);
@@ -223,17 +218,8 @@ impl<K: Kv> Allocator<K> {
         addr: Ipv4Addr,
         owner: &Owner,
     ) -> Result<Taken, AllocError> {
-        let txn = Txn {
-            compares: vec![
-                Compare::Exists(keys.pool(addr)),
-                Compare::Absent(keys.assigned(addr)),
-            ],
-            success: vec![
-                Op::delete(keys.pool(addr)),
-                Op::put(keys.assigned(addr), owner.to_json()),
-            ],
-            failure: vec![Op::Range(Range::key(keys.assigned(addr)))],
-        };
+        let held = vec![Op::Range(Range::key(keys.assigned(addr)))];
+        let txn = take_txn(keys, addr, &owner.to_json(), held);
         let outcome = self.kv.txn(&txn)?;
         if outcome.succeeded {
             return Ok(Taken::New);
@@ -261,17 +247,8 @@ impl<K: Kv> Allocator<K> {
         addr: Ipv4Addr,
         owner: &Owner,
     ) -> Result<(), AllocError> {
-        let txn = Txn {
-            compares: vec![
-                Compare::Exists(keys.pool(addr)),
-                Compare::Absent(keys.assigned(addr)),
-            ],
-            success: vec![
-                Op::delete(keys.pool(addr)),
-                Op::put(keys.assigned(addr), owner.to_json()),
-            ],
-            failure: vec![Op::Range(Range::key(keys.assigned(addr)))],
-        };
+        let held = vec![Op::Range(Range::key(keys.assigned(addr)))];
+        let txn = take_txn(keys, addr, &owner.to_json(), held);
         let outcome = self.kv.txn(&txn)?;
         if outcome.succeeded {
             log::info!(
@@ -364,6 +341,22 @@ impl<K: Kv> Allocator<K> {
         } else {
             Ok(Released::AlreadyFree)
         }
+    }
+}
+
+/// "If `addr` is free (in `pool/`, not in `assigned/`), move it to `assigned/` with `value`;
+/// otherwise run `failure`": the one transaction every taking goes through.
+fn take_txn(keys: &PoolKeys, addr: Ipv4Addr, value: &str, failure: Vec<Op>) -> Txn {
+    Txn {
+        compares: vec![
+            Compare::Exists(keys.pool(addr)),
+            Compare::Absent(keys.assigned(addr)),
+        ],
+        success: vec![
+            Op::delete(keys.pool(addr)),
+            Op::put(keys.assigned(addr), value),
+        ],
+        failure,
     }
 }
 

@@ -3,38 +3,16 @@
 
 mod common;
 
-use common::{cli, fails, ok, unique_prefix, Etcd};
+use common::{cli, fails, host_range, ip_range, ok, unique_prefix, Etcd};
 use std::time::{Duration, Instant};
 
 #[test]
 fn host_and_container_ranges_write_the_original_layout() {
     let etcd = Etcd::shared();
     let p = unique_prefix("layout");
-    let out = ok(cli(
-        &etcd.url,
-        &p,
-        &[
-            "host-range",
-            "--ip-start",
-            "192.0.2.4/24",
-            "--ip-end",
-            "192.0.2.6/24",
-            "--gateway",
-            "192.0.2.1",
-        ],
-    ));
+    let out = host_range(&etcd.url, &p, "192.0.2.4/24", "192.0.2.6/24", "192.0.2.1");
     assert!(out.contains("3 added"), "{out}");
-    let out = ok(cli(
-        &etcd.url,
-        &p,
-        &[
-            "ip-range",
-            "--ip-start",
-            "192.0.2.100/24",
-            "--ip-end",
-            "192.0.2.102/24",
-        ],
-    ));
+    let out = ip_range(&etcd.url, &p, "192.0.2.100/24", "192.0.2.102/24");
     assert!(out.contains("3 added"), "{out}");
     let want: Vec<(String, String)> = [
         (
@@ -107,17 +85,7 @@ fn a_slash_16_goes_in_with_batches_and_a_second_run_finds_it_all() {
 fn release_moves_an_address_back_in_one_step() {
     let etcd = Etcd::shared();
     let p = unique_prefix("release");
-    ok(cli(
-        &etcd.url,
-        &p,
-        &[
-            "ip-range",
-            "--ip-start",
-            "192.0.2.10/24",
-            "--ip-end",
-            "192.0.2.12/24",
-        ],
-    ));
+    ip_range(&etcd.url, &p, "192.0.2.10/24", "192.0.2.12/24");
     // Take one the way the plugin does: the key moves from pool/ to assigned/.
     let assigned = format!("{p}/containers/192.0.2.0/assigned/192.0.2.11");
     etcd.put(
@@ -160,19 +128,13 @@ fn release_moves_an_address_back_in_one_step() {
 fn release_host_gives_a_host_address_back() {
     let etcd = Etcd::shared();
     let p = unique_prefix("relhost");
-    ok(cli(
+    host_range(
         &etcd.url,
         &p,
-        &[
-            "host-range",
-            "--ip-start",
-            "203.0.113.10/24",
-            "--ip-end",
-            "203.0.113.11/24",
-            "--gateway",
-            "203.0.113.1",
-        ],
-    ));
+        "203.0.113.10/24",
+        "203.0.113.11/24",
+        "203.0.113.1",
+    );
     etcd.put(&format!("{p}/hosts/assigned/203.0.113.12"), "");
     let out = ok(cli(
         &etcd.url,
@@ -189,30 +151,8 @@ fn release_host_gives_a_host_address_back() {
 fn every_bad_input_is_one_line_and_changes_nothing() {
     let etcd = Etcd::shared();
     let p = unique_prefix("bad");
-    ok(cli(
-        &etcd.url,
-        &p,
-        &[
-            "host-range",
-            "--ip-start",
-            "192.0.2.4/24",
-            "--ip-end",
-            "192.0.2.6/24",
-            "--gateway",
-            "192.0.2.1",
-        ],
-    ));
-    ok(cli(
-        &etcd.url,
-        &p,
-        &[
-            "ip-range",
-            "--ip-start",
-            "192.0.2.100/24",
-            "--ip-end",
-            "192.0.2.110/24",
-        ],
-    ));
+    host_range(&etcd.url, &p, "192.0.2.4/24", "192.0.2.6/24", "192.0.2.1");
+    ip_range(&etcd.url, &p, "192.0.2.100/24", "192.0.2.110/24");
     let before = etcd.dump(&p);
     let usage: &[(&[&str], &str)] = &[
         (
@@ -389,17 +329,7 @@ fn a_dead_first_endpoint_fails_over_to_the_second() {
         .port();
     // The full-width comma of the original's examples separates the endpoints.
     let endpoints = format!("http://127.0.0.1:{port}，{}", etcd.url);
-    let out = ok(cli(
-        &endpoints,
-        &p,
-        &[
-            "ip-range",
-            "--ip-start",
-            "192.0.2.1/24",
-            "--ip-end",
-            "192.0.2.3/24",
-        ],
-    ));
+    let out = ip_range(&endpoints, &p, "192.0.2.1/24", "192.0.2.3/24");
     assert!(out.contains("3 added"), "{out}");
     assert_eq!(etcd.dump(&p).len(), 4);
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{cli, fails, ok, unique_prefix, Etcd, TempDir, BIN};
+use common::{fails, host_range, ok, unique_prefix, Etcd, TempDir, BIN};
 use std::process::{Command, Output};
 
 fn create_network(etcd: &Etcd, prefix: &str, docker_host: &str, args: &[&str]) -> Output {
@@ -38,19 +38,7 @@ fn files_in(dir: &TempDir) -> Vec<(String, String)> {
 
 fn hosts_defined(etcd: &Etcd) -> String {
     let p = unique_prefix("cn");
-    ok(cli(
-        &etcd.url,
-        &p,
-        &[
-            "host-range",
-            "--ip-start",
-            "192.0.2.10/24",
-            "--ip-end",
-            "192.0.2.12/24",
-            "--gateway",
-            "192.0.2.1",
-        ],
-    ));
+    host_range(&etcd.url, &p, "192.0.2.10/24", "192.0.2.12/24", "192.0.2.1");
     p
 }
 

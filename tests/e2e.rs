@@ -6,12 +6,12 @@
 
 mod common;
 
-use common::{cli, ok, stderr, stdout, unique_prefix, Etcd, TempDir, BIN};
+use common::{host_range, ip_range, stderr, stdout, unique_prefix, Etcd, TempDir, BIN};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// One daemon pair at a time: the machine has two cores.
@@ -342,6 +342,27 @@ impl Drop for Host {
     }
 }
 
+/// Takes the one-at-a-time lock and defines, under a fresh prefix, hosts `NET.10`-`NET.20`
+/// with the router `NET.1` and containers `NET.100`-`NET.200` (NET a /24's first three octets).
+fn lab_pools(tag: &str, net: &str) -> (MutexGuard<'static, ()>, &'static Etcd, String) {
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let etcd = Etcd::shared();
+    let p = unique_prefix(tag);
+    let hosts = (
+        format!("{net}.10/24"),
+        format!("{net}.20/24"),
+        format!("{net}.1"),
+    );
+    host_range(&etcd.url, &p, &hosts.0, &hosts.1, &hosts.2);
+    ip_range(
+        &etcd.url,
+        &p,
+        &format!("{net}.100/24"),
+        &format!("{net}.200/24"),
+    );
+    (serial, etcd, p)
+}
+
 /// assigned/ of a container pool: address → owner record.
 fn assigned(etcd: &Etcd, prefix: &str, net: &str) -> HashMap<String, Value> {
     let base = format!("{prefix}/containers/{net}/assigned/");
@@ -403,33 +424,7 @@ fn host_address(etcd: &Etcd, prefix: &str, host: &str) -> String {
 
 #[test]
 fn one_host_allocates_from_etcd_and_gives_addresses_back() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let etcd = Etcd::shared();
-    let p = unique_prefix("e2e-one");
-    ok(cli(
-        &etcd.url,
-        &p,
-        &[
-            "host-range",
-            "--ip-start",
-            "192.0.2.10/24",
-            "--ip-end",
-            "192.0.2.20/24",
-            "--gateway",
-            "192.0.2.1",
-        ],
-    ));
-    ok(cli(
-        &etcd.url,
-        &p,
-        &[
-            "ip-range",
-            "--ip-start",
-            "192.0.2.100/24",
-            "--ip-end",
-            "192.0.2.200/24",
-        ],
-    ));
+    let (_serial, etcd, p) = lab_pools("e2e-one", "192.0.2");
     let pool_before = pool_keys(etcd, &p, "192.0.2.0");
 
     let lab = Lab::new("one");
@@ -560,33 +555,7 @@ fn one_host_allocates_from_etcd_and_gives_addresses_back() {
 
 #[test]
 fn two_hosts_share_one_pool_and_one_l2_network() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let etcd = Etcd::shared();
-    let p = unique_prefix("e2e-two");
-    ok(cli(
-        &etcd.url,
-        &p,
-        &[
-            "host-range",
-            "--ip-start",
-            "198.51.100.10/24",
-            "--ip-end",
-            "198.51.100.20/24",
-            "--gateway",
-            "198.51.100.1",
-        ],
-    ));
-    ok(cli(
-        &etcd.url,
-        &p,
-        &[
-            "ip-range",
-            "--ip-start",
-            "198.51.100.100/24",
-            "--ip-end",
-            "198.51.100.200/24",
-        ],
-    ));
+    let (_serial, etcd, p) = lab_pools("e2e-two", "198.51.100");
     let lab = Lab::new("two");
     let a = Host::start(&lab, "hostA", etcd, &p);
     let b = Host::start(&lab, "hostB", etcd, &p);
@@ -669,33 +638,7 @@ fn two_hosts_share_one_pool_and_one_l2_network() {
 
 #[test]
 fn a_daemon_restart_leaks_no_address() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let etcd = Etcd::shared();
-    let p = unique_prefix("e2e-restart");
-    ok(cli(
-        &etcd.url,
-        &p,
-        &[
-            "host-range",
-            "--ip-start",
-            "203.0.113.10/24",
-            "--ip-end",
-            "203.0.113.20/24",
-            "--gateway",
-            "203.0.113.1",
-        ],
-    ));
-    ok(cli(
-        &etcd.url,
-        &p,
-        &[
-            "ip-range",
-            "--ip-start",
-            "203.0.113.100/24",
-            "--ip-end",
-            "203.0.113.200/24",
-        ],
-    ));
+    let (_serial, etcd, p) = lab_pools("e2e-restart", "203.0.113");
     let lab = Lab::new("restart");
     let mut host = Host::start(&lab, "hostA", etcd, &p);
     host.in_netns(&[

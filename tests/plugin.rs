@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{cli, ok, unique_prefix, Etcd, PluginClient, Server, TempDir};
+use common::{ip_range, unique_prefix, Etcd, PluginClient, Server, TempDir};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
@@ -45,17 +45,7 @@ fn pool_state(etcd: &Etcd, prefix: &str, net: &str) -> Vec<(String, String)> {
 fn answers_dockers_call_sequence_byte_for_byte() {
     let etcd = Etcd::shared();
     let p = unique_prefix("sequence");
-    ok(cli(
-        &etcd.url,
-        &p,
-        &[
-            "ip-range",
-            "--ip-start",
-            "192.0.2.1/24",
-            "--ip-end",
-            "192.0.2.254/24",
-        ],
-    ));
+    ip_range(&etcd.url, &p, "192.0.2.1/24", "192.0.2.254/24");
     let dir = TempDir::new("sequence");
     let sock = dir.join("talkingdata.sock");
     let _server = Server::start(&etcd.url, &p, &sock);
@@ -178,17 +168,7 @@ fn answers_dockers_call_sequence_byte_for_byte() {
 fn bad_requests_get_an_error_and_the_server_keeps_serving() {
     let etcd = Etcd::shared();
     let p = unique_prefix("badreq");
-    ok(cli(
-        &etcd.url,
-        &p,
-        &[
-            "ip-range",
-            "--ip-start",
-            "192.0.2.1/24",
-            "--ip-end",
-            "192.0.2.20/24",
-        ],
-    ));
+    ip_range(&etcd.url, &p, "192.0.2.1/24", "192.0.2.20/24");
     let dir = TempDir::new("badreq");
     let sock = dir.join("talkingdata.sock");
     let _server = Server::start(&etcd.url, &p, &sock);
@@ -269,17 +249,7 @@ fn four_servers_and_eight_clients_never_hand_out_an_address_twice() {
     let etcd = Etcd::shared();
     let p = unique_prefix("concurrent");
     // 254 addresses for 800 requests: the pool runs out under contention.
-    ok(cli(
-        &etcd.url,
-        &p,
-        &[
-            "ip-range",
-            "--ip-start",
-            "198.51.100.0/24",
-            "--ip-end",
-            "198.51.100.255/24",
-        ],
-    ));
+    ip_range(&etcd.url, &p, "198.51.100.0/24", "198.51.100.255/24");
     let dir = TempDir::new("concurrent");
     let servers: Vec<Server> = (0..4)
         .map(|i| Server::start(&etcd.url, &p, &dir.join(&format!("s{i}.sock"))))
@@ -428,17 +398,7 @@ fn a_stale_socket_is_replaced_but_a_live_one_is_not() {
 fn serves_a_socket_passed_by_systemd() {
     let etcd = Etcd::shared();
     let p = unique_prefix("activation");
-    ok(cli(
-        &etcd.url,
-        &p,
-        &[
-            "ip-range",
-            "--ip-start",
-            "192.0.2.1/24",
-            "--ip-end",
-            "192.0.2.9/24",
-        ],
-    ));
+    ip_range(&etcd.url, &p, "192.0.2.1/24", "192.0.2.9/24");
     let dir = TempDir::new("activation");
     let sock = dir.join("talkingdata.sock");
     let mut activator = Command::new("systemd-socket-activate");
@@ -471,17 +431,7 @@ fn serves_a_socket_passed_by_systemd() {
 fn etcd_down_during_a_request_is_an_error_and_the_server_recovers() {
     let mut etcd = Etcd::start("downup");
     let p = unique_prefix("downup");
-    ok(cli(
-        &etcd.url,
-        &p,
-        &[
-            "ip-range",
-            "--ip-start",
-            "192.0.2.1/24",
-            "--ip-end",
-            "192.0.2.50/24",
-        ],
-    ));
+    ip_range(&etcd.url, &p, "192.0.2.1/24", "192.0.2.50/24");
     let dir = TempDir::new("downup");
     let sock = dir.join("talkingdata.sock");
     let mut server = Server::start(&etcd.url, &p, &sock);

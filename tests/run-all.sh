@@ -23,5 +23,4 @@ done
 rustup target list --installed | grep -qx x86_64-unknown-linux-musl \
     || rustup target add x86_64-unknown-linux-musl
 
-cargo build --release --locked
 cargo test --locked -- --test-threads=4

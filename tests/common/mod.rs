@@ -198,17 +198,22 @@ pub fn unique_prefix(tag: &str) -> String {
     )
 }
 
+/// The global flags every test passes: its etcd, its prefix, a short timeout.
+pub fn store_args<'a>(url: &'a str, prefix: &'a str) -> [&'a str; 6] {
+    [
+        "--cluster-store",
+        url,
+        "--store-prefix",
+        prefix,
+        "--timeout",
+        "2",
+    ]
+}
+
 /// Runs the binary with `--cluster-store URL --store-prefix PREFIX` and `args`.
 pub fn cli(url: &str, prefix: &str, args: &[&str]) -> Output {
     Command::new(BIN)
-        .args([
-            "--cluster-store",
-            url,
-            "--store-prefix",
-            prefix,
-            "--timeout",
-            "2",
-        ])
+        .args(store_args(url, prefix))
         .args(args)
         .env_remove("CLUSTER_STORE")
         .env_remove("DEBUG")
@@ -222,6 +227,29 @@ pub fn stdout(o: &Output) -> String {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `ip-range START END`, which must succeed; its stdout.
+pub fn ip_range(url: &str, prefix: &str, start: &str, end: &str) -> String {
+    ok(cli(
+        url,
+        prefix,
+        &["ip-range", "--ip-start", start, "--ip-end", end],
+    ))
+}
+
+/// `host-range START END --gateway GATEWAY`, which must succeed; its stdout.
+pub fn host_range(url: &str, prefix: &str, start: &str, end: &str, gateway: &str) -> String {
+    let args = [
+        "host-range",
+        "--ip-start",
+        start,
+        "--ip-end",
+        end,
+        "--gateway",
+        gateway,
+    ];
+    ok(cli(url, prefix, &args))
 }
 
 /// Asserts success and returns stdout.
@@ -274,14 +302,7 @@ impl Server {
         listens_on: &Path,
     ) -> Server {
         let child = command
-            .args([
-                "--cluster-store",
-                url,
-                "--store-prefix",
-                prefix,
-                "--timeout",
-                "2",
-            ])
+            .args(store_args(url, prefix))
             .args(["server", "--socket"])
             .arg(socket_flag)
             .stdin(Stdio::null())
