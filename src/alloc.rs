@@ -128,10 +128,13 @@ impl<K: Kv> Allocator<K> {
                 return seen.swap_remove(i);
             }
         }
-        // Host addresses run from network+1 to broadcast-1.
-        let first = u32::from(net.network()) + 1;
-        let count = (u32::from(net.broadcast()) - first).max(1);
-        Ipv4Addr::from(first + (pick % u64::from(count)) as u32)
+        // Host addresses run from network+1 to broadcast-1; a /31 or /32 has none to guess.
+        let first = u64::from(u32::from(net.network())) + 1;
+        let last = u64::from(u32::from(net.broadcast())).saturating_sub(1);
+        if last < first {
+            return net.network();
+        }
+        Ipv4Addr::from((first + pick % (last - first + 1)) as u32)
     }
 
     /// Takes a random free address of the pool for `owner`.
@@ -463,6 +466,16 @@ mod tests {
             alloc.take_any(&keys, n, &owner("02:42:00:00:00:02")),
             Err(AllocError::Exhausted { net: n })
         );
+    }
+
+    #[test]
+    fn tiny_networks_from_a_hand_edited_config_do_not_panic() {
+        for n in ["255.255.255.255/32", "192.0.2.0/31"] {
+            let n = net(n);
+            let (kv, keys) = pool(n);
+            let mut alloc = Allocator::new(&kv);
+            let _ = alloc.take_any(&keys, n, &owner("02:42:00:00:00:01"));
+        }
     }
 
     #[test]

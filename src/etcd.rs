@@ -350,6 +350,25 @@ impl Client {
         self.endpoints.get(i).map(String::as_str).unwrap_or("etcd")
     }
 
+    /// Writes `key` unconditionally.
+    pub fn put(&self, key: &str, value: &str) -> Result<(), Error> {
+        self.call("/kv/put", &json!({ "key": b64(key), "value": b64(value) }))?;
+        Ok(())
+    }
+
+    /// Deletes `key`; how many keys were deleted (0 or 1).
+    pub fn delete(&self, key: &str) -> Result<u64, Error> {
+        #[derive(Deserialize, Default)]
+        struct Deleted {
+            #[serde(default, deserialize_with = "int64")]
+            deleted: i64,
+        }
+        let answer = self.call("/kv/deleterange", &json!({ "key": b64(key) }))?;
+        Ok(decode::<Deleted>(self.current_endpoint(), answer)?
+            .deleted
+            .max(0) as u64)
+    }
+
     pub fn range(&self, r: &Range) -> Result<Vec<KeyValue>, Error> {
         let answer = self.call("/kv/range", &range_body(r))?;
         Ok(decode::<RangeAnswer>(self.current_endpoint(), answer)?.into_kvs())

@@ -186,10 +186,14 @@ impl<K: Kv> Plugin<K> {
         let net = serde_json::from_str::<ContainerConfig>(&stored.value)
             .ok()
             .and_then(|c| c.net())
+            .filter(|net| net.prefix_len() <= crate::addr::MAX_PREFIX_LEN)
             .ok_or_else(|| {
                 Refusal(
                     500,
-                    format!("{key} holds {:?}, not a network", stored.value),
+                    format!(
+                        "{key} holds {:?}, not a network with usable addresses",
+                        stored.value
+                    ),
                 )
             })?;
         self.networks.insert(id, net);

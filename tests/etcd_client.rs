@@ -1,0 +1,152 @@
+//! The etcd v3 gateway client against a real etcd: each call, the encodings, failover to a
+//! second endpoint, and bounded failure when no endpoint answers.
+
+mod common;
+
+use common::{unique_prefix, Etcd};
+use oam_docker_ipam::etcd::{Client, Error};
+use oam_docker_ipam::kv::{Compare, Op, Range, Txn};
+use std::time::{Duration, Instant};
+
+fn client(endpoints: &[&str]) -> Client {
+    Client::new(
+        endpoints.iter().map(|e| e.to_string()).collect(),
+        Duration::from_secs(1),
+    )
+}
+
+/// A loopback port nothing listens on.
+fn dead_endpoint() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("http://127.0.0.1:{port}")
+}
+
+#[test]
+fn put_range_delete_and_txn_round_trip() {
+    let etcd = Etcd::shared();
+    let p = unique_prefix("client");
+    let c = client(&[&etcd.url]);
+    // Values that need base64 care: JSON, non-ASCII, empty.
+    c.put(&format!("{p}/a"), r#"{"Host":"hôte-1"}"#).unwrap();
+    c.put(&format!("{p}/b"), "").unwrap();
+    c.put(&format!("{p}/c"), "3").unwrap();
+    let all = c.range(&Range::prefix(format!("{p}/"))).unwrap();
+    let seen: Vec<(String, String)> = all
+        .iter()
+        .map(|kv| (kv.key.clone(), kv.value.clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (format!("{p}/a"), r#"{"Host":"hôte-1"}"#.to_string()),
+            (format!("{p}/b"), String::new()),
+            (format!("{p}/c"), "3".to_string()),
+        ]
+    );
+    assert!(all.iter().all(|kv| kv.mod_revision > 0));
+    let limited = c
+        .range(&Range::prefix(format!("{p}/")).limit(2).keys_only())
+        .unwrap();
+    assert_eq!(limited.len(), 2);
+    assert!(limited.iter().all(|kv| kv.value.is_empty()));
+    assert!(c
+        .range(&Range::key(format!("{p}/none")))
+        .unwrap()
+        .is_empty());
+
+    let swap = Txn {
+        compares: vec![
+            Compare::Exists(format!("{p}/a")),
+            Compare::Absent(format!("{p}/d")),
+        ],
+        success: vec![
+            Op::delete(format!("{p}/a")),
+            Op::put(format!("{p}/d"), "moved"),
+        ],
+        failure: vec![Op::Range(Range::key(format!("{p}/d")))],
+    };
+    let first = c.txn(&swap).unwrap();
+    assert!(first.succeeded);
+    let second = c.txn(&swap).unwrap();
+    assert!(
+        !second.succeeded,
+        "the compare must fail once the key moved"
+    );
+    assert_eq!(second.range(0)[0].value, "moved");
+
+    let d = &c.range(&Range::key(format!("{p}/d"))).unwrap()[0];
+    let guarded = |rev| Txn {
+        compares: vec![Compare::ModRevision(format!("{p}/d"), rev)],
+        success: vec![Op::put(format!("{p}/d"), "again")],
+        failure: vec![],
+    };
+    assert!(!c.txn(&guarded(d.mod_revision - 1)).unwrap().succeeded);
+    assert!(c.txn(&guarded(d.mod_revision)).unwrap().succeeded);
+
+    assert_eq!(c.delete(&format!("{p}/d")).unwrap(), 1);
+    assert_eq!(c.delete(&format!("{p}/d")).unwrap(), 0);
+}
+
+#[test]
+fn a_dead_first_endpoint_is_skipped() {
+    let etcd = Etcd::shared();
+    let dead = dead_endpoint();
+    let c = client(&[&dead, &etcd.url]);
+    let p = unique_prefix("failover");
+    c.put(&format!("{p}/k"), "v").unwrap();
+    assert_eq!(
+        c.range(&Range::key(format!("{p}/k"))).unwrap()[0].value,
+        "v"
+    );
+}
+
+#[test]
+fn no_endpoint_answering_is_an_error_naming_each_one_within_the_timeouts() {
+    // One refuses connections, one accepts and never answers.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_url = format!("http://{}", hung.local_addr().unwrap());
+    let dead = dead_endpoint();
+    let c = client(&[&dead, &hung_url]);
+    let started = Instant::now();
+    let err = c.range(&Range::key("/k")).unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let Error::Unreachable(tries) = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(
+        tries.iter().map(|(e, _)| e.as_str()).collect::<Vec<_>>(),
+        vec![dead.as_str(), hung_url.as_str()]
+    );
+    let text = err.to_string();
+    assert!(text.contains(&dead) && text.contains("timed out"), "{text}");
+}
+
+#[test]
+fn an_error_from_etcd_carries_its_message() {
+    let etcd = Etcd::shared();
+    let c = client(&[&etcd.url]);
+    // 129 operations: over etcd's default --max-txn-ops.
+    let txn = Txn {
+        success: (0..129)
+            .map(|i| Op::put(format!("/too-many/{i}"), ""))
+            .collect(),
+        ..Txn::default()
+    };
+    let err = c.txn(&txn).unwrap_err();
+    let Error::Refused {
+        endpoint, message, ..
+    } = &err
+    else {
+        panic!("{err:?}")
+    };
+    assert_eq!(endpoint, &etcd.url);
+    assert!(message.contains("too many operations"), "{message}");
+}
