@@ -439,7 +439,7 @@ fn parse_range(flags: &CommandFlags, command: &'static str) -> Result<AddrRange,
     let end = flags.need(command, "--ip-end")?;
     addr_flag("--ip-start", addr::parse_cidr(start))?;
     addr_flag("--ip-end", addr::parse_cidr(end))?;
-    addr_flag("range", AddrRange::parse(start, end))
+    addr_flag("--ip-start/--ip-end", AddrRange::parse(start, end))
 }
 
 fn parse_ip_range(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {

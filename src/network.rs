@@ -31,6 +31,11 @@ pub enum NetworkError {
         held: Ipv4Addr,
         asked: Ipv4Addr,
     },
+    /// The Docker network exists with a gateway other than this host's address.
+    NetworkDiffers {
+        name: String,
+        detail: String,
+    },
     /// A file exists with other content and `--force` was not given.
     FileDiffers(PathBuf),
     /// The ifcfg directory does not exist.
@@ -60,6 +65,11 @@ impl fmt::Display for NetworkError {
             NetworkError::HoldsAnother { held, asked } => write!(
                 f,
                 "this host already holds {held}, not {asked}; release-host it first to change"
+            ),
+            NetworkError::NetworkDiffers { name, detail } => write!(
+                f,
+                "Docker network {name} exists with {detail}; remove it \
+                 (docker network rm {name}) or choose another --name"
             ),
             NetworkError::FileDiffers(p) => write!(
                 f,
@@ -180,10 +190,32 @@ pub fn create<K: Kv>(kv: K, layout: &Layout, flags: &NetworkFlags) -> Result<(),
     };
     let bridge_path = flags.ifcfg_dir.join(format!("ifcfg-{}", flags.bridge));
     let iface_path = flags.ifcfg_dir.join(format!("ifcfg-{interface}"));
-    let network_exists = docker_network_exists(&flags.name);
+    // An existing network keeps its gateway: this host's address must be that one.
+    let existing_gateway = docker_network_gateway(&flags.name);
+    let network_exists = existing_gateway.is_some();
+    let wanted = match existing_gateway {
+        Some(Some(gw)) => match held.or(flags.ip) {
+            Some(addr) if addr != gw => {
+                let detail = format!("gateway {gw}, not this host's address {addr}");
+                return Err(NetworkError::NetworkDiffers {
+                    name: flags.name.clone(),
+                    detail,
+                });
+            }
+            _ => Some(gw),
+        },
+        Some(None) => {
+            let detail = "no IPv4 gateway".to_string();
+            return Err(NetworkError::NetworkDiffers {
+                name: flags.name.clone(),
+                detail,
+            });
+        }
+        None => flags.ip,
+    };
 
     if flags.dry_run {
-        let addr = match (held, flags.ip) {
+        let addr = match (held, wanted) {
             (Some(a), _) => format!("keep {a}, which this host holds"),
             (None, Some(a)) => format!("take {a} from the host pool as {host}"),
             (None, None) => format!("take a free address from the host pool as {host}"),
@@ -220,7 +252,7 @@ pub fn create<K: Kv>(kv: K, layout: &Layout, flags: &NetworkFlags) -> Result<(),
             }
             None => {
                 let owner = Owner::new(Role::Host, &host, "");
-                let addr = match flags.ip {
+                let addr = match wanted {
                     Some(addr) => {
                         alloc
                             .take(&hosts, subnet, addr, &owner)
@@ -394,12 +426,12 @@ fn network_args(
     ]
 }
 
-fn docker_network_exists(name: &str) -> bool {
-    run(
-        "docker",
-        &["network", "inspect", "--format", "{{.Name}}", name],
-    )
-    .is_ok()
+/// None if no Docker network `name` exists (or Docker cannot be asked); else its IPv4 gateway,
+/// if it has one.
+fn docker_network_gateway(name: &str) -> Option<Option<Ipv4Addr>> {
+    let format = "{{range .IPAM.Config}}{{.Gateway}} {{end}}";
+    let out = run("docker", &["network", "inspect", "--format", format, name]).ok()?;
+    Some(out.split_whitespace().find_map(|g| g.parse().ok()))
 }
 
 /// The device of the route to `gateway`, as `ip route get` tells.

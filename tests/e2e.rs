@@ -490,6 +490,40 @@ fn one_host_allocates_from_etcd_and_gives_addresses_back() {
     );
     assert_eq!(host_address(etcd, &p, "hostA"), host_ip);
 
+    // A network of that name made by hand, with another gateway, is refused untouched.
+    ip_range(&etcd.url, &p, "198.51.100.100/24", "198.51.100.110/24");
+    host.docker_ok(&[
+        "network",
+        "create",
+        "--ipam-driver=talkingdata",
+        "--subnet=198.51.100.0/24",
+        "--gateway=198.51.100.15",
+        "handmade",
+    ]);
+    let before = etcd.dump(&p);
+    let refused = host
+        .own_command(&[
+            "create-network",
+            "--name",
+            "handmade",
+            "--bridge",
+            "br1",
+            "--ifcfg-dir",
+            ifcfg.to_str().unwrap(),
+            "--no-restart",
+            "--interface",
+            "eth1",
+        ])
+        .output()
+        .unwrap();
+    common::fails(
+        refused,
+        1,
+        &format!("handmade exists with gateway 198.51.100.15, not this host's address {host_ip}"),
+    );
+    assert_eq!(etcd.dump(&p), before);
+    host.docker_ok(&["network", "rm", "handmade"]);
+
     host.docker_ok(&[
         "run",
         "-d",
