@@ -11,7 +11,7 @@ use crate::ipam::{self, Plugin};
 use crate::layout::Layout;
 use crate::network::{self, NetworkError};
 use crate::pools::{self, PoolError};
-use crate::server::{self, Reply, ServerError};
+use crate::server::{self, BodyError, Reply, ServerError};
 
 /// Why a command failed at run time. Exit status 1.
 #[derive(Debug)]
@@ -120,7 +120,8 @@ pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
             server::serve(listener, |path, body| {
                 let answer = match body {
                     Ok(body) => plugin.handle(path, body),
-                    Err(e) => plugin.refuse(413, &e.to_string()),
+                    Err(e @ BodyError::TooLarge { .. }) => plugin.refuse(413, &e.to_string()),
+                    Err(e @ BodyError::Unreadable(_)) => plugin.refuse(400, &e.to_string()),
                 };
                 Reply {
                     status: answer.status,
