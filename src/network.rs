@@ -14,7 +14,7 @@ use ipnet::Ipv4Net;
 use crate::alloc::{AllocError, Allocator};
 use crate::cli::NetworkFlags;
 use crate::kv::{Kv, Range, StoreError};
-use crate::layout::{HostsConfig, Layout, Owner, Role};
+use crate::layout::{HostsConfig, Layout, Owner, PoolKeys, Role};
 
 /// The IPAM driver name Docker finds the plugin by (the socket's file name).
 pub const IPAM_DRIVER: &str = "talkingdata";
@@ -159,8 +159,23 @@ pub fn enslaved_ifcfg(existing: Option<&str>, interface: &str, bridge: &str) -> 
     lines.join("\n") + "\n"
 }
 
-/// Runs create-network; prints each step on stdout.
-pub fn create<K: Kv>(kv: K, layout: &Layout, flags: &NetworkFlags) -> Result<(), NetworkError> {
+/// What create-network will do, worked out before anything changes.
+struct Plan {
+    host: String,
+    subnet: Ipv4Net,
+    gateway: Ipv4Addr,
+    /// The host address this host holds already, if any.
+    held: Option<Ipv4Addr>,
+    /// The host address to take if none is held: the one asked for or the existing network's.
+    wanted: Option<Ipv4Addr>,
+    interface: String,
+    bridge_path: PathBuf,
+    iface_path: PathBuf,
+    network_exists: bool,
+}
+
+/// Reads etcd and Docker and checks the flags; refuses before anything changes.
+fn plan<K: Kv>(kv: &K, layout: &Layout, flags: &NetworkFlags) -> Result<Plan, NetworkError> {
     let host = crate::layout::host_name();
     let stored = kv.range(&Range::key(layout.hosts_config()))?;
     let value = stored
@@ -171,11 +186,7 @@ pub fn create<K: Kv>(kv: K, layout: &Layout, flags: &NetworkFlags) -> Result<(),
         .ok()
         .and_then(|c| c.parsed())
         .ok_or_else(|| NetworkError::BadHostsConfig(value.clone()))?;
-    let hosts = layout.hosts();
-    let mut alloc = Allocator::new(kv);
-
-    // Read-only checks first, so that a refusal changes nothing.
-    let held = held_by(alloc.kv(), layout, &host)?;
+    let held = held_by(kv, layout, &host)?;
     if let (Some(held), Some(asked)) = (held, flags.ip) {
         if held != asked {
             return Err(NetworkError::HoldsAnother { held, asked });
@@ -188,150 +199,79 @@ pub fn create<K: Kv>(kv: K, layout: &Layout, flags: &NetworkFlags) -> Result<(),
         Some(i) => i.clone(),
         None => route_interface(gateway)?,
     };
-    let bridge_path = flags.ifcfg_dir.join(format!("ifcfg-{}", flags.bridge));
-    let iface_path = flags.ifcfg_dir.join(format!("ifcfg-{interface}"));
     // An existing network keeps its gateway: this host's address must be that one.
     let existing_gateway = docker_network_gateway(&flags.name);
-    let network_exists = existing_gateway.is_some();
+    let differs = |detail: String| NetworkError::NetworkDiffers {
+        name: flags.name.clone(),
+        detail,
+    };
     let wanted = match existing_gateway {
         Some(Some(gw)) => match held.or(flags.ip) {
             Some(addr) if addr != gw => {
-                let detail = format!("gateway {gw}, not this host's address {addr}");
-                return Err(NetworkError::NetworkDiffers {
-                    name: flags.name.clone(),
-                    detail,
-                });
+                return Err(differs(format!(
+                    "gateway {gw}, not this host's address {addr}"
+                )))
             }
             _ => Some(gw),
         },
-        Some(None) => {
-            let detail = "no IPv4 gateway".to_string();
-            return Err(NetworkError::NetworkDiffers {
-                name: flags.name.clone(),
-                detail,
-            });
-        }
+        Some(None) => return Err(differs("no IPv4 gateway".into())),
         None => flags.ip,
     };
+    Ok(Plan {
+        host,
+        subnet,
+        gateway,
+        held,
+        wanted,
+        bridge_path: flags.ifcfg_dir.join(format!("ifcfg-{}", flags.bridge)),
+        iface_path: flags.ifcfg_dir.join(format!("ifcfg-{interface}")),
+        interface,
+        network_exists: existing_gateway.is_some(),
+    })
+}
 
+fn print_dry_run(plan: &Plan, flags: &NetworkFlags) {
+    let host = &plan.host;
+    match (plan.held, plan.wanted) {
+        (Some(a), _) => println!("would keep {a}, which this host holds"),
+        (None, Some(a)) => println!("would take {a} from the host pool as {host}"),
+        (None, None) => println!("would take a free address from the host pool as {host}"),
+    }
+    if plan.network_exists {
+        println!("would keep the existing Docker network {}", flags.name);
+    } else {
+        let args = network_args(flags, plan.subnet, "<host address>", plan.gateway);
+        println!("would run: docker {}", args.join(" "));
+    }
+    println!(
+        "would write {} (bridge {} with the host address)",
+        plan.bridge_path.display(),
+        flags.bridge
+    );
+    println!(
+        "would add BRIDGE={} to {}",
+        flags.bridge,
+        plan.iface_path.display()
+    );
+    if !flags.no_restart {
+        println!(
+            "would run: systemctl stop NetworkManager; systemctl disable NetworkManager; \
+             systemctl restart network"
+        );
+    }
+}
+
+/// Runs create-network; prints each step on stdout.
+pub fn create<K: Kv>(kv: K, layout: &Layout, flags: &NetworkFlags) -> Result<(), NetworkError> {
+    let plan = plan(&kv, layout, flags)?;
     if flags.dry_run {
-        let addr = match (held, wanted) {
-            (Some(a), _) => format!("keep {a}, which this host holds"),
-            (None, Some(a)) => format!("take {a} from the host pool as {host}"),
-            (None, None) => format!("take a free address from the host pool as {host}"),
-        };
-        println!("would {addr}");
-        if network_exists {
-            println!("would keep the existing Docker network {}", flags.name);
-        } else {
-            let args = network_args(flags, subnet, "<host address>", gateway);
-            println!("would run: docker {}", args.join(" "));
-        }
-        println!(
-            "would write {} (bridge {} with the host address)",
-            bridge_path.display(),
-            flags.bridge
-        );
-        println!(
-            "would add BRIDGE={} to {}",
-            flags.bridge,
-            iface_path.display()
-        );
-        if !flags.no_restart {
-            println!("would run: systemctl stop NetworkManager; systemctl disable NetworkManager; systemctl restart network");
-        }
+        print_dry_run(&plan, flags);
         return Ok(());
     }
-
+    let hosts = layout.hosts();
+    let mut alloc = Allocator::new(kv);
     let mut done = Vec::new();
-    let result = (|| -> Result<(), (String, String)> {
-        let addr = match held {
-            Some(addr) => {
-                println!("this host already holds {addr}");
-                addr
-            }
-            None => {
-                let owner = Owner::new(Role::Host, &host, "");
-                let addr = match wanted {
-                    Some(addr) => {
-                        alloc
-                            .take(&hosts, subnet, addr, &owner)
-                            .map_err(|e| step("taking the host address", e))?;
-                        addr
-                    }
-                    None => alloc
-                        .take_any(&hosts, subnet, &owner)
-                        .map_err(|e| step("taking a host address", e))?,
-                };
-                done.push(Done::TookAddress(addr));
-                println!("took host address {addr}");
-                addr
-            }
-        };
-
-        let bridge_text = bridge_ifcfg(&flags.bridge, addr, gateway, subnet, flags.mtu);
-        let existing_bridge =
-            read_optional(&bridge_path).map_err(|e| step("reading the bridge config", e))?;
-        if existing_bridge.as_deref().is_some_and(|t| t != bridge_text) && !flags.force {
-            return Err(step(
-                "writing the bridge config",
-                NetworkError::FileDiffers(bridge_path.clone()),
-            ));
-        }
-        let existing_iface =
-            read_optional(&iface_path).map_err(|e| step("reading the interface config", e))?;
-        let iface_text = enslaved_ifcfg(existing_iface.as_deref(), &interface, &flags.bridge);
-
-        if network_exists {
-            println!("Docker network {} exists already", flags.name);
-        } else {
-            let args = network_args(flags, subnet, &addr.to_string(), gateway);
-            run("docker", &args).map_err(|e| step("docker network create", e))?;
-            done.push(Done::CreatedNetwork(flags.name.clone()));
-            println!("created Docker network {}", flags.name);
-        }
-
-        for (path, text, existing) in [
-            (&bridge_path, &bridge_text, existing_bridge),
-            (&iface_path, &iface_text, existing_iface),
-        ] {
-            if existing.as_deref() == Some(text.as_str()) {
-                println!("{} is up to date", path.display());
-                continue;
-            }
-            let backup = write_atomically(path, text, existing.is_some())
-                .map_err(|e| step(&format!("writing {}", path.display()), e))?;
-            match &backup {
-                Some(b) => println!(
-                    "wrote {} (the original is kept as {})",
-                    path.display(),
-                    b.display()
-                ),
-                None => println!("wrote {}", path.display()),
-            }
-            done.push(Done::WroteFile {
-                path: path.clone(),
-                backup,
-            });
-        }
-
-        if !flags.no_restart {
-            if run("systemctl", &["is-active", "--quiet", "NetworkManager"]).is_ok() {
-                run("systemctl", &["stop", "NetworkManager"])
-                    .map_err(|e| step("stopping NetworkManager", e))?;
-                done.push(Done::StoppedNetworkManager);
-                run("systemctl", &["disable", "NetworkManager"])
-                    .map_err(|e| step("disabling NetworkManager", e))?;
-                println!("stopped and disabled NetworkManager");
-            }
-            run("systemctl", &["restart", "network"])
-                .map_err(|e| step("restarting the network service", e))?;
-            println!("restarted the network service");
-        }
-        Ok(())
-    })();
-
-    match result {
+    match apply(&plan, flags, &mut alloc, &hosts, &mut done) {
         Ok(()) => Ok(()),
         Err((step, error)) => {
             let undone = undo(&mut alloc, &hosts, done);
@@ -344,16 +284,104 @@ pub fn create<K: Kv>(kv: K, layout: &Layout, flags: &NetworkFlags) -> Result<(),
     }
 }
 
+/// Does the plan, recording in `done` each step that a later failure must undo.
+fn apply<K: Kv>(
+    plan: &Plan,
+    flags: &NetworkFlags,
+    alloc: &mut Allocator<K>,
+    hosts: &PoolKeys,
+    done: &mut Vec<Done>,
+) -> Result<(), (String, String)> {
+    let addr = match plan.held {
+        Some(addr) => {
+            println!("this host already holds {addr}");
+            addr
+        }
+        None => {
+            let owner = Owner::new(Role::Host, &plan.host, "");
+            let addr = match plan.wanted {
+                Some(addr) => {
+                    alloc
+                        .take(hosts, plan.subnet, addr, &owner)
+                        .map_err(|e| step("taking the host address", e))?;
+                    addr
+                }
+                None => alloc
+                    .take_any(hosts, plan.subnet, &owner)
+                    .map_err(|e| step("taking a host address", e))?,
+            };
+            done.push(Done::TookAddress(addr));
+            println!("took host address {addr}");
+            addr
+        }
+    };
+
+    let bridge_text = bridge_ifcfg(&flags.bridge, addr, plan.gateway, plan.subnet, flags.mtu);
+    let existing_bridge =
+        read_optional(&plan.bridge_path).map_err(|e| step("reading the bridge config", e))?;
+    if existing_bridge.as_deref().is_some_and(|t| t != bridge_text) && !flags.force {
+        let refusal = NetworkError::FileDiffers(plan.bridge_path.clone());
+        return Err(step("writing the bridge config", refusal));
+    }
+    let existing_iface =
+        read_optional(&plan.iface_path).map_err(|e| step("reading the interface config", e))?;
+    let iface_text = enslaved_ifcfg(existing_iface.as_deref(), &plan.interface, &flags.bridge);
+
+    if plan.network_exists {
+        println!("Docker network {} exists already", flags.name);
+    } else {
+        let args = network_args(flags, plan.subnet, &addr.to_string(), plan.gateway);
+        run("docker", &args).map_err(|e| step("docker network create", e))?;
+        done.push(Done::CreatedNetwork(flags.name.clone()));
+        println!("created Docker network {}", flags.name);
+    }
+
+    for (path, text, existing) in [
+        (&plan.bridge_path, &bridge_text, existing_bridge),
+        (&plan.iface_path, &iface_text, existing_iface),
+    ] {
+        if existing.as_deref() == Some(text.as_str()) {
+            println!("{} is up to date", path.display());
+            continue;
+        }
+        let backup = write_atomically(path, text, existing.is_some())
+            .map_err(|e| step(&format!("writing {}", path.display()), e))?;
+        match &backup {
+            Some(b) => println!(
+                "wrote {} (the original is kept as {})",
+                path.display(),
+                b.display()
+            ),
+            None => println!("wrote {}", path.display()),
+        }
+        done.push(Done::WroteFile {
+            path: path.clone(),
+            backup,
+        });
+    }
+
+    if !flags.no_restart {
+        if run("systemctl", &["is-active", "--quiet", "NetworkManager"]).is_ok() {
+            run("systemctl", &["stop", "NetworkManager"])
+                .map_err(|e| step("stopping NetworkManager", e))?;
+            done.push(Done::StoppedNetworkManager);
+            run("systemctl", &["disable", "NetworkManager"])
+                .map_err(|e| step("disabling NetworkManager", e))?;
+            println!("stopped and disabled NetworkManager");
+        }
+        run("systemctl", &["restart", "network"])
+            .map_err(|e| step("restarting the network service", e))?;
+        println!("restarted the network service");
+    }
+    Ok(())
+}
+
 fn step(name: &str, error: impl fmt::Display) -> (String, String) {
     (name.to_string(), error.to_string())
 }
 
 /// Undoes `done` in reverse order; says what was undone and what could not be.
-fn undo<K: Kv>(
-    alloc: &mut Allocator<K>,
-    hosts: &crate::layout::PoolKeys,
-    done: Vec<Done>,
-) -> Vec<String> {
+fn undo<K: Kv>(alloc: &mut Allocator<K>, hosts: &PoolKeys, done: Vec<Done>) -> Vec<String> {
     let mut said = Vec::new();
     for action in done.into_iter().rev() {
         let (what, result) = match action {
