@@ -217,12 +217,6 @@ impl<K: Kv> Plugin<K> {
     }
 
     fn request_address(&mut self, request: RequestAddress) -> Result<Value, Refusal> {
-        log::info!(
-            "RequestAddress {:?} in {} {:?}",
-            request.address,
-            request.pool_id,
-            request.options
-        );
         let net = self.pool_of(&request.pool_id)?;
         let keys = self.layout.containers(net.network());
         let wanted = match request.address.as_str() {
@@ -250,6 +244,17 @@ impl<K: Kv> Plugin<K> {
         };
         let answer = |addr: Ipv4Addr| json!({ "Address": format!("{addr}/{}", net.prefix_len()), "Data": {} });
 
+        let mac = options
+            .get(MAC_OPTION)
+            .map(String::as_str)
+            .unwrap_or_default();
+        log::info!(
+            "RequestAddress {} in pool {} for a {} (mac {mac:?})",
+            wanted.map_or("(any)".to_string(), |a| a.to_string()),
+            request.pool_id,
+            role.as_str()
+        );
+
         if role != Role::Container {
             let Some(addr) = wanted else {
                 return Err(bad_request(format!(
@@ -262,10 +267,6 @@ impl<K: Kv> Plugin<K> {
             return Ok(answer(addr));
         }
 
-        let mac = options
-            .get(MAC_OPTION)
-            .map(String::as_str)
-            .unwrap_or_default();
         if !mac.is_empty() && !is_mac(mac) {
             return Err(bad_request(format!("{mac:?} is not a MAC address")));
         }
