@@ -3,7 +3,8 @@
 
 mod common;
 
-use common::{cli, fails, host_range, ip_range, ok, unique_prefix, Etcd};
+use common::{cli, fails, host_range, ip_range, ok, unique_prefix, Etcd, BIN};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -72,8 +73,23 @@ fn a_slash_16_goes_in_with_batches_and_a_second_run_finds_it_all() {
         "--ip-end",
         "198.18.255.255/16",
     ];
-    let first = ok(cli(&etcd.url, &p, &args));
+    // On a terminal (script(1) gives it one) the long run counts its progress on stderr.
+    let mut command = vec![BIN.to_string()];
+    command.extend(
+        common::store_args(&etcd.url, &p)
+            .iter()
+            .map(|a| a.to_string()),
+    );
+    command.extend(args.iter().map(|a| a.to_string()));
+    let first = ok(Command::new("script")
+        .args(["-qec", &command.join(" "), "/dev/null"])
+        .output()
+        .expect("script(1) from util-linux"));
     assert!(first.contains("65534 added"), "{first}");
+    assert!(
+        first.contains("pooling container addresses: 65534/65534 (100%)"),
+        "no progress shown: {first}"
+    );
     let again = ok(cli(&etcd.url, &p, &args));
     assert!(
         again.contains("0 added, 65534 already in the pool"),
