@@ -170,141 +170,65 @@ fn every_bad_input_is_one_line_and_changes_nothing() {
     host_range(&etcd.url, &p, "192.0.2.4/24", "192.0.2.6/24", "192.0.2.1");
     ip_range(&etcd.url, &p, "192.0.2.100/24", "192.0.2.110/24");
     let before = etcd.dump(&p);
-    let usage: &[(&[&str], &str)] = &[
+    // Each case: the command line, and what its one-line error must say.
+    let usage = [
         (
-            &[
-                "ip-range",
-                "--ip-start",
-                "192.0.2.1",
-                "--ip-end",
-                "192.0.2.9/24",
-            ],
+            "ip-range --ip-start 192.0.2.1 --ip-end 192.0.2.9/24",
             "not an IPv4 address with a prefix",
         ),
         (
-            &[
-                "ip-range",
-                "--ip-start",
-                "192.0.2.1/24",
-                "--ip-end",
-                "192.0.2.9/25",
-            ],
+            "ip-range --ip-start 192.0.2.1/24 --ip-end 192.0.2.9/25",
             "different prefix lengths",
         ),
         (
-            &[
-                "ip-range",
-                "--ip-start",
-                "192.0.2.9/24",
-                "--ip-end",
-                "192.0.2.1/24",
-            ],
+            "ip-range --ip-start 192.0.2.9/24 --ip-end 192.0.2.1/24",
             "comes after",
         ),
         (
-            &[
-                "ip-range",
-                "--ip-start",
-                "2001:db8::1/64",
-                "--ip-end",
-                "2001:db8::9/64",
-            ],
+            "ip-range --ip-start 2001:db8::1/64 --ip-end 2001:db8::9/64",
             "IPv6",
         ),
+        ("ip-range --ip-start 192.0.2.1/24", "needs --ip-end"),
         (
-            &["ip-range", "--ip-start", "192.0.2.1/24"],
-            "needs --ip-end",
-        ),
-        (
-            &[
-                "host-range",
-                "--ip-start",
-                "192.0.2.1/24",
-                "--ip-end",
-                "192.0.2.9/24",
-                "--gateway",
-                "nope",
-            ],
+            "host-range --ip-start 192.0.2.1/24 --ip-end 192.0.2.9/24 --gateway nope",
             "not an IPv4 address",
         ),
-        (&["release-ip", "--ip", "192.0.2.255/24"], "broadcast"),
-        (&["frobnicate"], "unknown command"),
+        ("release-ip --ip 192.0.2.255/24", "broadcast"),
+        ("frobnicate", "unknown command"),
         (
-            &[
-                "ip-range",
-                "--ip-start",
-                "192.0.2.1/24",
-                "--ip-end",
-                "192.0.2.9/24",
-                "--bogus",
-                "x",
-            ],
+            "ip-range --ip-start 192.0.2.1/24 --ip-end 192.0.2.9/24 --bogus x",
             "--bogus",
         ),
     ];
-    for (args, needle) in usage {
-        fails(cli(&etcd.url, &p, args), 2, needle);
+    for (line, needle) in usage {
+        let args: Vec<&str> = line.split_whitespace().collect();
+        fails(cli(&etcd.url, &p, &args), 2, needle);
     }
-    let runtime: &[(&[&str], &str)] = &[
+    let runtime = [
         (
-            &[
-                "ip-range",
-                "--ip-start",
-                "192.0.2.5/24",
-                "--ip-end",
-                "192.0.2.20/24",
-            ],
+            "ip-range --ip-start 192.0.2.5/24 --ip-end 192.0.2.20/24",
             "overlaps the host range",
         ),
         (
-            &[
-                "ip-range",
-                "--ip-start",
-                "192.0.2.100/25",
-                "--ip-end",
-                "192.0.2.110/25",
-            ],
+            "ip-range --ip-start 192.0.2.100/25 --ip-end 192.0.2.110/25",
             "already holds",
         ),
         (
-            &[
-                "host-range",
-                "--ip-start",
-                "192.0.2.100/24",
-                "--ip-end",
-                "192.0.2.105/24",
-                "--gateway",
-                "192.0.2.1",
-            ],
+            "host-range --ip-start 192.0.2.100/24 --ip-end 192.0.2.105/24 --gateway 192.0.2.1",
             "overlaps the container pool",
         ),
         (
-            &[
-                "host-range",
-                "--ip-start",
-                "192.0.2.7/24",
-                "--ip-end",
-                "192.0.2.8/24",
-                "--gateway",
-                "192.0.2.2",
-            ],
+            "host-range --ip-start 192.0.2.7/24 --ip-end 192.0.2.8/24 --gateway 192.0.2.2",
             "already holds",
         ),
         (
-            &[
-                "host-range",
-                "--ip-start",
-                "192.0.2.7/24",
-                "--ip-end",
-                "192.0.2.8/24",
-                "--gateway",
-                "198.51.100.1",
-            ],
+            "host-range --ip-start 192.0.2.7/24 --ip-end 192.0.2.8/24 --gateway 198.51.100.1",
             "not a host address",
         ),
     ];
-    for (args, needle) in runtime {
-        fails(cli(&etcd.url, &p, args), 1, needle);
+    for (line, needle) in runtime {
+        let args: Vec<&str> = line.split_whitespace().collect();
+        fails(cli(&etcd.url, &p, &args), 1, needle);
     }
     assert_eq!(etcd.dump(&p), before);
 }

@@ -363,6 +363,11 @@ fn lab_pools(tag: &str, net: &str) -> (MutexGuard<'static, ()>, &'static Etcd, S
     (serial, etcd, p)
 }
 
+/// A command line's words (none of them has a space).
+fn words(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
 /// assigned/ of a container pool: address → owner record.
 fn assigned(etcd: &Etcd, prefix: &str, net: &str) -> HashMap<String, Value> {
     let base = format!("{prefix}/containers/{net}/assigned/");
@@ -492,14 +497,7 @@ fn one_host_allocates_from_etcd_and_gives_addresses_back() {
 
     // A network of that name made by hand, with another gateway, is refused untouched.
     ip_range(&etcd.url, &p, "198.51.100.100/24", "198.51.100.110/24");
-    host.docker_ok(&[
-        "network",
-        "create",
-        "--ipam-driver=talkingdata",
-        "--subnet=198.51.100.0/24",
-        "--gateway=198.51.100.15",
-        "handmade",
-    ]);
+    host.docker_ok(&words("network create --ipam-driver=talkingdata --subnet=198.51.100.0/24 --gateway=198.51.100.15 handmade"));
     let before = etcd.dump(&p);
     let refused = host
         .own_command(&[
@@ -524,50 +522,22 @@ fn one_host_allocates_from_etcd_and_gives_addresses_back() {
     assert_eq!(etcd.dump(&p), before);
     host.docker_ok(&["network", "rm", "handmade"]);
 
-    host.docker_ok(&[
-        "run",
-        "-d",
-        "--name",
-        "c1",
-        "--network",
-        "mynet",
-        "bb:latest",
-        "sleep",
-        "1000",
-    ]);
+    host.docker_ok(&words(
+        "run -d --name c1 --network mynet bb:latest sleep 1000",
+    ));
     let (ip1, mac1) = host.addr_of("c1");
     let held = assigned(etcd, &p, "192.0.2.0");
     assert_eq!(held[&ip1]["Host"], "hostA");
     assert_eq!(held[&ip1]["Mac"], mac1.as_str());
     assert_eq!(held[&ip1]["Role"], "container");
 
-    host.docker_ok(&[
-        "run",
-        "-d",
-        "--name",
-        "c2",
-        "--network",
-        "mynet",
-        "--ip",
-        "192.0.2.150",
-        "bb:latest",
-        "sleep",
-        "1000",
-    ]);
+    host.docker_ok(&words(
+        "run -d --name c2 --network mynet --ip 192.0.2.150 bb:latest sleep 1000",
+    ));
     assert_eq!(host.addr_of("c2").0, "192.0.2.150");
-    let taken = host.docker(&[
-        "run",
-        "-d",
-        "--name",
-        "c3",
-        "--network",
-        "mynet",
-        "--ip",
-        "192.0.2.150",
-        "bb:latest",
-        "sleep",
-        "1000",
-    ]);
+    let taken = host.docker(&words(
+        "run -d --name c3 --network mynet --ip 192.0.2.150 bb:latest sleep 1000",
+    ));
     assert_eq!(taken.status.code(), Some(125));
     let err = stderr(&taken);
     assert!(
