@@ -50,33 +50,12 @@ fn a_failed_step_undoes_the_ones_before_it() {
     std::fs::write(ifcfg.join("ifcfg-eth1"), "DEVICE=eth1\nONBOOT=yes\n").unwrap();
     let (etcd_before, files_before) = (etcd.dump(&p), files_in(&ifcfg));
     let dead_docker = format!("unix://{}", ifcfg.join("no-docker.sock").display());
-    let out = create_network(
-        etcd,
-        &p,
-        &dead_docker,
-        &[
-            "--ifcfg-dir",
-            ifcfg.0.to_str().unwrap(),
-            "--interface",
-            "eth1",
-            "--no-restart",
-        ],
-    );
+    let dir = ifcfg.0.to_str().unwrap();
+    let args = ["--ifcfg-dir", dir, "--interface", "eth1", "--no-restart"];
+    let out = create_network(etcd, &p, &dead_docker, &args);
     fails(out, 1, "docker network create failed");
-    let out = create_network(
-        etcd,
-        &p,
-        &dead_docker,
-        &[
-            "--ifcfg-dir",
-            ifcfg.0.to_str().unwrap(),
-            "--interface",
-            "eth1",
-            "--no-restart",
-            "--ip",
-            "192.0.2.11",
-        ],
-    );
+    let with_ip = [&args[..], &["--ip", "192.0.2.11"]].concat();
+    let out = create_network(etcd, &p, &dead_docker, &with_ip);
     fails(out, 1, "undone: released host address 192.0.2.11");
     assert_eq!(etcd.dump(&p), etcd_before);
     assert_eq!(files_in(&ifcfg), files_before);
