@@ -14,7 +14,7 @@ use ipnet::Ipv4Net;
 use crate::alloc::{AllocError, Allocator};
 use crate::cli::NetworkFlags;
 use crate::kv::{Kv, Range, StoreError};
-use crate::layout::{HostsConfig, Layout, Owner, PoolKeys, Role};
+use crate::layout::{ContainerConfig, HostsConfig, Layout, Owner, PoolKeys, Role};
 
 /// The IPAM driver name Docker finds the plugin by (the socket's file name).
 pub const IPAM_DRIVER: &str = "talkingdata";
@@ -24,6 +24,9 @@ pub const IPAM_DRIVER: &str = "talkingdata";
 pub enum NetworkError {
     /// No `host-range` has been run: no subnet and gateway to use.
     NoHostPool,
+    /// No `ip-range` has defined the container pool of the hosts' subnet, which the Docker
+    /// network uses: Docker's RequestPool would be refused.
+    NoContainerPool(Ipv4Net),
     /// The stored hosts config is not what this tool writes.
     BadHostsConfig(String),
     /// This host already holds a different address.
@@ -55,6 +58,11 @@ pub enum NetworkError {
 impl fmt::Display for NetworkError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            NetworkError::NoContainerPool(subnet) => write!(
+                f,
+                "no container pool {subnet} in etcd: define one with 'oam-docker-ipam ip-range' \
+                 in the hosts' subnet"
+            ),
             NetworkError::NoHostPool => {
                 write!(
                     f,
@@ -186,6 +194,14 @@ fn plan<K: Kv>(kv: &K, layout: &Layout, flags: &NetworkFlags) -> Result<Plan, Ne
         .ok()
         .and_then(|c| c.parsed())
         .ok_or_else(|| NetworkError::BadHostsConfig(value.clone()))?;
+    let container_config = kv.range(&Range::key(layout.container_config(subnet.network())))?;
+    let container_net = container_config
+        .first()
+        .and_then(|kv| serde_json::from_str::<ContainerConfig>(&kv.value).ok())
+        .and_then(|c| c.net());
+    if container_net != Some(subnet) {
+        return Err(NetworkError::NoContainerPool(subnet));
+    }
     let held = held_by(kv, layout, &host)?;
     if let (Some(held), Some(asked)) = (held, flags.ip) {
         if held != asked {

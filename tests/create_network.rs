@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{fails, host_range, ok, unique_prefix, Etcd, TempDir, BIN};
+use common::{fails, host_range, ip_range, ok, unique_prefix, Etcd, TempDir, BIN};
 use std::process::{Command, Output};
 
 fn create_network(etcd: &Etcd, prefix: &str, docker_host: &str, args: &[&str]) -> Output {
@@ -36,16 +36,18 @@ fn files_in(dir: &TempDir) -> Vec<(String, String)> {
     files
 }
 
-fn hosts_defined(etcd: &Etcd) -> String {
+/// Hosts .10-.12 and containers .100-.110 of 192.0.2.0/24, under a fresh prefix.
+fn pools_defined(etcd: &Etcd) -> String {
     let p = unique_prefix("cn");
     host_range(&etcd.url, &p, "192.0.2.10/24", "192.0.2.12/24", "192.0.2.1");
+    ip_range(&etcd.url, &p, "192.0.2.100/24", "192.0.2.110/24");
     p
 }
 
 #[test]
 fn a_failed_step_undoes_the_ones_before_it() {
     let etcd = Etcd::shared();
-    let p = hosts_defined(etcd);
+    let p = pools_defined(etcd);
     let ifcfg = TempDir::new("cn-undo");
     std::fs::write(ifcfg.join("ifcfg-eth1"), "DEVICE=eth1\nONBOOT=yes\n").unwrap();
     let (etcd_before, files_before) = (etcd.dump(&p), files_in(&ifcfg));
@@ -64,7 +66,7 @@ fn a_failed_step_undoes_the_ones_before_it() {
 #[test]
 fn refusals_change_nothing() {
     let etcd = Etcd::shared();
-    let p = hosts_defined(etcd);
+    let p = pools_defined(etcd);
     let ifcfg = TempDir::new("cn-refuse");
     std::fs::write(ifcfg.join("ifcfg-br0"), "DEVICE=br0\nIPADDR=203.0.113.9\n").unwrap();
     let (etcd_before, files_before) = (etcd.dump(&p), files_in(&ifcfg));
@@ -111,6 +113,18 @@ fn refusals_change_nothing() {
         1,
         "no host pool",
     );
+    let hosts_only = unique_prefix("cn-hosts-only");
+    host_range(
+        &etcd.url,
+        &hosts_only,
+        "192.0.2.10/24",
+        "192.0.2.12/24",
+        "192.0.2.1",
+    );
+    let before_hosts_only = etcd.dump(&hosts_only);
+    let out = create_network(etcd, &hosts_only, docker, &["--ifcfg-dir", dir]);
+    fails(out, 1, "no container pool 192.0.2.0/24 in etcd");
+    assert_eq!(etcd.dump(&hosts_only), before_hosts_only);
     fails(
         create_network(etcd, &p, docker, &["--mtu", "12"]),
         2,
@@ -123,7 +137,7 @@ fn refusals_change_nothing() {
 #[test]
 fn dry_run_prints_every_step_and_changes_nothing() {
     let etcd = Etcd::shared();
-    let p = hosts_defined(etcd);
+    let p = pools_defined(etcd);
     let ifcfg = TempDir::new("cn-dry");
     let before = etcd.dump(&p);
     let out = ok(create_network(
