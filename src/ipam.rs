@@ -183,19 +183,15 @@ impl<K: Kv> Plugin<K> {
                 ),
             ));
         };
-        let net = serde_json::from_str::<ContainerConfig>(&stored.value)
-            .ok()
-            .and_then(|c| c.net())
-            .filter(|net| net.prefix_len() <= crate::addr::MAX_PREFIX_LEN)
-            .ok_or_else(|| {
-                Refusal(
-                    500,
-                    format!(
-                        "{key} holds {:?}, not a network with usable addresses",
-                        stored.value
-                    ),
-                )
-            })?;
+        let net = ContainerConfig::parse(&stored.value).ok_or_else(|| {
+            Refusal(
+                500,
+                format!(
+                    "{key} holds {:?}, not a network with usable addresses",
+                    stored.value
+                ),
+            )
+        })?;
         self.networks.insert(id, net);
         Ok(net)
     }

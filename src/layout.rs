@@ -99,9 +99,11 @@ impl HostsConfig {
         }
     }
 
-    /// The subnet and gateway, or `None` if the stored text is not what this tool writes.
-    pub fn parsed(&self) -> Option<(Ipv4Net, Ipv4Addr)> {
-        Some((self.subnet.parse().ok()?, self.gateway.parse().ok()?))
+    /// The subnet and gateway a stored value names, or `None` if it is not what this tool
+    /// writes.
+    pub fn parse(value: &str) -> Option<(Ipv4Net, Ipv4Addr)> {
+        let config: HostsConfig = serde_json::from_str(value).ok()?;
+        Some((config.subnet.parse().ok()?, config.gateway.parse().ok()?))
     }
 }
 
@@ -122,9 +124,12 @@ impl ContainerConfig {
         }
     }
 
-    /// The network, or `None` if the stored text is not what this tool writes.
-    pub fn net(&self) -> Option<Ipv4Net> {
-        Ipv4Net::new(self.ipnet.parse().ok()?, self.mask.parse().ok()?).ok()
+    /// The network a stored value names, or `None` if it is not what this tool writes or has
+    /// no usable host addresses (a hand-edited /31 or /32).
+    pub fn parse(value: &str) -> Option<Ipv4Net> {
+        let config: ContainerConfig = serde_json::from_str(value).ok()?;
+        let net = Ipv4Net::new(config.ipnet.parse().ok()?, config.mask.parse().ok()?).ok()?;
+        (net.prefix_len() <= crate::addr::MAX_PREFIX_LEN).then_some(net)
     }
 }
 
@@ -298,7 +303,13 @@ mod tests {
             serde_json::to_string(&ContainerConfig::new(net)).unwrap(),
             r#"{"Ipnet":"192.168.0.0","Mask":"24"}"#
         );
-        assert_eq!(ContainerConfig::new(net).net(), Some(net));
+        let stored = serde_json::to_string(&ContainerConfig::new(net)).unwrap();
+        assert_eq!(ContainerConfig::parse(&stored), Some(net));
+        assert_eq!(
+            ContainerConfig::parse(r#"{"Ipnet":"192.0.2.0","Mask":"31"}"#),
+            None
+        );
+        assert_eq!(ContainerConfig::parse(""), None);
     }
 
     #[test]

@@ -190,15 +190,12 @@ fn plan<K: Kv>(kv: &K, layout: &Layout, flags: &NetworkFlags) -> Result<Plan, Ne
         .first()
         .map(|kv| kv.value.clone())
         .ok_or(NetworkError::NoHostPool)?;
-    let (subnet, gateway) = serde_json::from_str::<HostsConfig>(&value)
-        .ok()
-        .and_then(|c| c.parsed())
-        .ok_or_else(|| NetworkError::BadHostsConfig(value.clone()))?;
+    let (subnet, gateway) =
+        HostsConfig::parse(&value).ok_or_else(|| NetworkError::BadHostsConfig(value.clone()))?;
     let container_config = kv.range(&Range::key(layout.container_config(subnet.network())))?;
     let container_net = container_config
         .first()
-        .and_then(|kv| serde_json::from_str::<ContainerConfig>(&kv.value).ok())
-        .and_then(|c| c.net());
+        .and_then(|kv| ContainerConfig::parse(&kv.value));
     if container_net != Some(subnet) {
         return Err(NetworkError::NoContainerPool(subnet));
     }

@@ -111,7 +111,11 @@ pub fn add_container_range<K: Kv>(
 ) -> Result<AddReport, PoolError> {
     let hosts = layout.hosts();
     let mut excluded = Vec::new();
-    if let Some((_, gateway)) = read_hosts_config(kv, layout)?.and_then(|c| c.parsed()) {
+    let hosts_config = kv.range(&Range::key(layout.hosts_config()))?;
+    if let Some((_, gateway)) = hosts_config
+        .first()
+        .and_then(|kv| HostsConfig::parse(&kv.value))
+    {
         excluded.push(gateway);
     }
     let host_addrs = addrs_in(kv, &hosts)?;
@@ -170,20 +174,10 @@ fn json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_default()
 }
 
-fn read_hosts_config<K: Kv>(kv: &K, layout: &Layout) -> Result<Option<HostsConfig>, PoolError> {
-    let stored = kv.range(&Range::key(layout.hosts_config()))?;
-    Ok(stored
-        .first()
-        .and_then(|kv| serde_json::from_str(&kv.value).ok()))
-}
-
 /// Every address in a pool's two directories.
 fn addrs_in<K: Kv>(kv: &K, keys: &PoolKeys) -> Result<HashSet<Ipv4Addr>, PoolError> {
-    let mut found = HashSet::new();
-    for dir in [&keys.pool_dir, &keys.assigned_dir] {
-        let kvs = kv.range(&Range::prefix(dir.as_str()).keys_only())?;
-        found.extend(kvs.iter().filter_map(|kv| keys.addr_of(&kv.key)));
-    }
+    let mut found = addrs_of_dir(kv, keys, &keys.pool_dir)?;
+    found.extend(addrs_of_dir(kv, keys, &keys.assigned_dir)?);
     Ok(found)
 }
 
