@@ -108,17 +108,7 @@ fn release_moves_an_address_back_in_one_step() {
         &assigned,
         r#"{"Role":"container","Host":"h9","Mac":"02:42:00:00:00:09","Since":"x"}"#,
     );
-    let del = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            &etcd.url,
-            "del",
-            &format!("{p}/containers/192.0.2.0/pool/192.0.2.11"),
-        ])
-        .output()
-        .expect("etcdctl");
-    assert!(del.status.success());
+    etcd.delete(&format!("{p}/containers/192.0.2.0/pool/192.0.2.11"));
 
     let out = ok(cli(&etcd.url, &p, &["release-ip", "--ip", "192.0.2.11/24"]));
     assert!(

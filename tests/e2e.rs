@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{host_range, ip_range, stderr, stdout, unique_prefix, Etcd, TempDir, BIN};
+use common::{host_range, ip_range, ok_in, stderr, stdout, unique_prefix, Etcd, TempDir, BIN};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -25,14 +25,7 @@ fn run(program: &str, args: &[&str]) -> Output {
 }
 
 fn must(program: &str, args: &[&str]) -> String {
-    let out = run(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        stdout(&out),
-        stderr(&out)
-    );
-    stdout(&out)
+    ok_in(&format!("{program} {args:?}"), run(program, args))
 }
 
 /// A busybox root file system, imported into each daemon as `bb:latest` (no registry here).
@@ -267,15 +260,10 @@ impl Host {
     }
 
     fn docker_ok(&self, args: &[&str]) -> String {
-        let out = self.docker(args);
-        assert!(
-            out.status.success(),
-            "docker {args:?} on {}: {}{}",
-            self.name,
-            stdout(&out),
-            stderr(&out)
-        );
-        stdout(&out)
+        ok_in(
+            &format!("docker {args:?} on {}", self.name),
+            self.docker(args),
+        )
     }
 
     fn in_netns(&self, args: &[&str]) -> String {
@@ -402,14 +390,7 @@ fn create_network(host: &Host, ifcfg: &Path, interface: &str) -> String {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "create-network on {}: {}{}",
-        host.name,
-        stdout(&out),
-        stderr(&out)
-    );
-    stdout(&out)
+    ok_in(&format!("create-network on {}", host.name), out)
 }
 
 /// The host address `host` holds according to etcd.

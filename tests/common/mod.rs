@@ -135,19 +135,20 @@ impl Etcd {
         self.run();
     }
 
-    /// Every key under `prefix` with its value, in key order, read with etcdctl.
-    pub fn dump(&self, prefix: &str) -> Vec<(String, String)> {
+    /// Runs `etcdctl` (API v3) against this etcd; its stdout.
+    pub fn etcdctl(&self, args: &[&str]) -> String {
         let out = Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &self.url, "get", "--prefix", prefix])
+            .args(["--endpoints", &self.url])
+            .args(args)
             .output()
             .expect("run etcdctl");
-        assert!(
-            out.status.success(),
-            "etcdctl: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        ok_in(&format!("etcdctl {args:?}"), out)
+    }
+
+    /// Every key under `prefix` with its value, in key order.
+    pub fn dump(&self, prefix: &str) -> Vec<(String, String)> {
+        let text = self.etcdctl(&["get", "--prefix", prefix]);
         let lines: Vec<&str> = text.lines().collect();
         lines
             .chunks(2)
@@ -155,18 +156,12 @@ impl Etcd {
             .collect()
     }
 
-    /// Writes one key with etcdctl.
     pub fn put(&self, key: &str, value: &str) {
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &self.url, "put", key, value])
-            .output()
-            .expect("run etcdctl");
-        assert!(
-            out.status.success(),
-            "etcdctl put: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.etcdctl(&["put", key, value]);
+    }
+
+    pub fn delete(&self, key: &str) {
+        self.etcdctl(&["del", key]);
     }
 }
 
@@ -254,9 +249,14 @@ pub fn host_range(url: &str, prefix: &str, start: &str, end: &str, gateway: &str
 
 /// Asserts success and returns stdout.
 pub fn ok(o: Output) -> String {
+    ok_in("command", o)
+}
+
+/// Asserts that `what` succeeded, showing its output if not; returns stdout.
+pub fn ok_in(what: &str, o: Output) -> String {
     assert!(
         o.status.success(),
-        "failed ({:?}): {}{}",
+        "{what} failed ({:?}): {}{}",
         o.status,
         stdout(&o),
         stderr(&o)
