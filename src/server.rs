@@ -64,11 +64,8 @@ impl std::error::Error for ServerError {}
 
 /// Where requests come from.
 pub enum Listener {
-    /// A socket this process bound at `path` (and removes on exit).
-    Bound {
-        listener: UnixListener,
-        path: PathBuf,
-    },
+    /// A socket this process bound (tiny_http unlinks its file when the server is dropped).
+    Bound(UnixListener),
     /// A socket systemd passed in; systemd owns its file.
     Inherited(UnixListener),
 }
@@ -143,10 +140,7 @@ pub fn listen(path: &Path) -> Result<Listener, ServerError> {
         return Err(socket_error(e));
     }
     log::info!("listening on {}", path.display());
-    Ok(Listener::Bound {
-        listener,
-        path: path.to_path_buf(),
-    })
+    Ok(Listener::Bound(listener))
 }
 
 /// Serves `handler` until SIGTERM or SIGINT, then finishes the request in hand, removes the
@@ -159,11 +153,10 @@ pub fn serve(
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(ServerError::Signals)?;
     }
-    let (unix, bound_path) = match listener {
-        Listener::Bound { listener, path } => (listener, Some(path)),
-        Listener::Inherited(listener) => (listener, None),
+    let (unix, inherited) = match listener {
+        Listener::Bound(listener) => (listener, false),
+        Listener::Inherited(listener) => (listener, true),
     };
-    let inherited = bound_path.is_none();
     let server = tiny_http::Server::from_listener(unix, None)
         .map_err(|e| ServerError::Http(e.to_string()))?;
     while !stop.load(Ordering::Relaxed) {
