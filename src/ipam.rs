@@ -176,6 +176,16 @@ impl<K: Kv> Plugin<K> {
         let key = self.layout.container_config(id);
         let stored = self.alloc.kv().range(&Range::key(&key))?;
         let Some(stored) = stored.first() else {
+            let dir = self.layout.container_dir(id);
+            if self.alloc.kv().original_has(&dir)? {
+                return Err(Refusal(
+                    404,
+                    format!(
+                        "the original's etcd v2 data defines this network ({dir}): run \
+                         'oam-docker-ipam migrate-v2'"
+                    ),
+                ));
+            }
             return Err(Refusal(
                 404,
                 format!(
@@ -327,11 +337,13 @@ mod tests {
             r#"{"Ipnet":"192.0.2.0","Mask":"24"}"#,
         )];
         ops.extend(net.hosts().map(|a| Op::put(keys.pool(a), "")));
-        kv.txn(&Txn {
-            success: ops,
-            ..Txn::default()
-        })
-        .unwrap();
+        for chunk in ops.chunks(crate::kv::MAX_TXN_OPS) {
+            kv.txn(&Txn {
+                success: chunk.to_vec(),
+                ..Txn::default()
+            })
+            .unwrap();
+        }
         Plugin::new(kv, layout, "h1".into())
     }
 
@@ -441,5 +453,25 @@ mod tests {
             assert!(answer["Err"].as_str().is_some_and(|e| !e.is_empty()));
         }
         assert_eq!(call(&mut p, "/IpamDriver.GetCapabilities", "").0, 200);
+    }
+
+    #[test]
+    fn a_pool_only_the_original_defined_needs_migrating() {
+        let kv = MemKv::new();
+        let mut p = plugin(&kv);
+        kv.original
+            .borrow_mut()
+            .push("/t/containers/198.51.100.0/config".into());
+        let (s, answer) = call(
+            &mut p,
+            "/IpamDriver.RequestPool",
+            r#"{"Pool":"198.51.100.0/24"}"#,
+        );
+        assert_eq!(s, 404);
+        assert_eq!(
+            answer["Err"],
+            "the original's etcd v2 data defines this network (/t/containers/198.51.100.0): \
+             run 'oam-docker-ipam migrate-v2'"
+        );
     }
 }
