@@ -448,15 +448,29 @@ pub fn parse_endpoints(list: &str) -> Result<Vec<String>, UsageError> {
         let rest = part
             .strip_prefix("http://")
             .or_else(|| part.strip_prefix("https://"));
-        let host_ok = rest.is_some_and(|r| {
-            let host = r.split('/').next().unwrap_or_default();
-            !host.is_empty() && !host.contains(char::is_whitespace)
-        });
-        if !host_ok {
+        let authority = rest.map(|r| r.split('/').next().unwrap_or_default());
+        if let Some((_, host)) = authority.and_then(|a| a.rsplit_once('@')) {
+            // Never echo the credentials: they would land in logs and terminals.
+            let scheme = if part.starts_with("https") {
+                "https"
+            } else {
+                "http"
+            };
+            return Err(UsageError::Invalid {
+                flag: "--cluster-store",
+                value: format!("{scheme}://…@{host}"),
+                reason: "credentials do not belong in the URL (they would show in logs, \
+                         Docker's errors and process lists); remove 'user:password@'"
+                    .into(),
+            });
+        }
+        if !authority.is_some_and(authority_ok) {
             return Err(UsageError::Invalid {
                 flag: "--cluster-store",
                 value: part.into(),
-                reason: "expected http://HOST:PORT or https://HOST:PORT".into(),
+                reason: "expected http://HOST:PORT or https://HOST:PORT with a port from 1 \
+                         to 65535"
+                    .into(),
             });
         }
         endpoints.push(part.trim_end_matches('/').to_string());
@@ -469,6 +483,22 @@ pub fn parse_endpoints(list: &str) -> Result<Vec<String>, UsageError> {
         });
     }
     Ok(endpoints)
+}
+
+/// `HOST`, `HOST:PORT` or `[V6]:PORT`, the port (if any) a number from 1 to 65535.
+fn authority_ok(authority: &str) -> bool {
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((host, rest)) => (host, rest.strip_prefix(':').map(Some).unwrap_or(None)),
+            None => return false,
+        },
+        None => match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    let port_ok = port.map_or(true, |p| p.parse::<u16>().is_ok_and(|p| p > 0));
+    !host.is_empty() && !host.contains(char::is_whitespace) && port_ok
 }
 
 fn parse_prefix(prefix: &str) -> Result<String, UsageError> {
@@ -791,6 +821,10 @@ mod tests {
             &["release-ip", "--ip", "192.0.2.0/24"],
             &["release-host", "--ip", "fe80::1"],
             &["--cluster-store", "127.0.0.1:2379", "server"],
+            &["--cluster-store", "http://127.0.0.1:abc", "server"],
+            &["--cluster-store", "http://127.0.0.1:99999", "server"],
+            &["--cluster-store", "http://127.0.0.1:0", "server"],
+            &["--cluster-store", "http://[::1", "server"],
             &["--timeout", "0", "server"],
             &["--store-prefix", "talkingdata", "server"],
             &["create-network", "--mtu", "9"],
@@ -854,6 +888,27 @@ mod tests {
         );
         assert!(matches!(c, Command::Server { .. }));
         assert!(run(&["--debug=verbose", "server"]).is_err());
+    }
+
+    #[test]
+    fn credentials_in_endpoint_urls_are_refused_and_never_echoed() {
+        let err = run(&[
+            "--cluster-store",
+            "http://root:s3cret@127.0.0.1:2379",
+            "server",
+        ])
+        .expect_err("accepted a URL with credentials");
+        let said = err.to_string();
+        assert!(!said.contains("s3cret") && !said.contains("root"), "{said}");
+        assert!(
+            said.contains("credentials do not belong in the URL"),
+            "{said}"
+        );
+        let ok = parse_endpoints("https://[::1]:2379,http://etcd1:2379/,http://etcd2").unwrap();
+        assert_eq!(
+            ok,
+            ["https://[::1]:2379", "http://etcd1:2379", "http://etcd2"]
+        );
     }
 
     #[test]

@@ -242,7 +242,7 @@ impl<K: Kv> Plugin<K> {
         let options = request.options.unwrap_or_default();
         let role = if options.get(REQUEST_ADDRESS_TYPE).map(String::as_str) == Some(GATEWAY_TYPE) {
             Role::Gateway
-        } else if options.is_empty() {
+        } else if options.is_empty() && wanted.is_some() {
             // Docker names aux addresses with no options at all.
             Role::Aux
         } else {
@@ -273,7 +273,15 @@ impl<K: Kv> Plugin<K> {
             return Ok(answer(addr));
         }
 
-        if !mac.is_empty() && !is_mac(mac) {
+        // The MAC tells two containers of one host apart: without it, a retry by one and a
+        // request by another for the same --ip could not be told apart.
+        if mac.is_empty() {
+            return Err(bad_request(format!(
+                "a container request must carry its MAC address ({MAC_OPTION}), which Docker \
+                 sends because GetCapabilities requires it"
+            )));
+        }
+        if !is_mac(mac) {
             return Err(bad_request(format!("{mac:?} is not a MAC address")));
         }
         let owner = Owner::new(Role::Container, &self.host, &mac.to_ascii_lowercase());
@@ -444,6 +452,17 @@ mod tests {
             (
                 "/IpamDriver.RequestAddress",
                 r#"{"PoolID":"192.0.2.0","Address":"","Options":{"com.docker.network.endpoint.macaddress":"zz"}}"#,
+                400,
+            ),
+            // No MAC: two such requests for one --ip could not be told apart.
+            (
+                "/IpamDriver.RequestAddress",
+                r#"{"PoolID":"192.0.2.0","Address":"192.0.2.50","Options":{"other":"x"}}"#,
+                400,
+            ),
+            (
+                "/IpamDriver.RequestAddress",
+                r#"{"PoolID":"192.0.2.0","Address":""}"#,
                 400,
             ),
         ];

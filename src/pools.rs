@@ -32,6 +32,8 @@ pub enum PoolError {
     GatewayOutside { gateway: Ipv4Addr, subnet: Ipv4Net },
     /// The hosts' gateway is already in the container pool.
     GatewayPooled { gateway: Ipv4Addr },
+    /// The range holds no address that may be pooled (only network, broadcast or gateway).
+    NothingToPool,
     /// The original tool's etcd v2 data defines this pool and no v3 pool does yet: defining
     /// it anew would pool addresses the original's containers hold.
     DefinedByOriginal { dir: String },
@@ -64,6 +66,11 @@ impl fmt::Display for PoolError {
             PoolError::GatewayPooled { gateway } => write!(
                 f,
                 "gateway {gateway} is in the container pool; release-ip it and remove it first"
+            ),
+            PoolError::NothingToPool => write!(
+                f,
+                "the range holds no address to pool (only the network, broadcast or gateway \
+                 address); nothing changed"
             ),
             PoolError::DefinedByOriginal { dir } => write!(
                 f,
@@ -248,6 +255,9 @@ fn fill<K: Kv>(
     progress: Progress,
     (config_key, config): (&str, &str),
 ) -> Result<AddReport, PoolError> {
+    if range.poolable(excluded).next().is_none() {
+        return Err(PoolError::NothingToPool);
+    }
     let free: HashSet<Ipv4Addr> = addrs_of_dir(kv, keys, &keys.pool_dir)?;
     let used: HashSet<Ipv4Addr> = addrs_of_dir(kv, keys, &keys.assigned_dir)?;
     let mut report = AddReport::default();
@@ -481,6 +491,16 @@ mod tests {
             &mut quiet(),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn a_range_with_nothing_to_pool_writes_nothing() {
+        let kv = MemKv::new();
+        let l = Layout::new("/t");
+        let only_broadcast = range("192.0.2.255/24", "192.0.2.255/24");
+        let err = add_container_range(&kv, &l, only_broadcast, &mut quiet());
+        assert_eq!(err, Err(PoolError::NothingToPool));
+        assert_eq!(kv.dump(), vec![]);
     }
 
     #[test]
