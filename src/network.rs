@@ -14,7 +14,7 @@ use ipnet::Ipv4Net;
 use crate::alloc::{AllocError, Allocator};
 use crate::cli::NetworkFlags;
 use crate::kv::{KeyValue, Kv, Range, StoreError};
-use crate::layout::{ContainerConfig, HostsConfig, Layout, Owner, PoolKeys, Role};
+use crate::layout::{describe_holder, ContainerConfig, HostsConfig, Layout, Owner, PoolKeys, Role};
 
 /// The IPAM driver name Docker finds the plugin by (the socket's file name).
 pub const IPAM_DRIVER: &str = "talkingdata";
@@ -259,6 +259,23 @@ fn plan<K: Kv>(kv: &K, layout: &Layout, flags: &NetworkFlags) -> Result<Plan, Ne
         }
         (held, wanted) => (held.or(wanted), None),
     };
+    // The address to take must be free now: a dry run says what the real run would, and
+    // the real run refuses before it changes anything.
+    if let (None, Some(addr), None) = (held, wanted, &adopt) {
+        let hosts = layout.hosts();
+        if let Some(record) = kv.range(&Range::key(hosts.assigned(addr)))?.first() {
+            return Err(NetworkError::Alloc(AllocError::InUse {
+                addr,
+                holder: describe_holder(&record.value),
+            }));
+        }
+        if kv.range(&Range::key(hosts.pool(addr)))?.is_empty() {
+            return Err(NetworkError::Alloc(AllocError::NotInPool {
+                addr,
+                net: subnet,
+            }));
+        }
+    }
     Ok(Plan {
         host,
         subnet,
