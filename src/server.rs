@@ -331,6 +331,8 @@ enum AcceptFault {
 fn accept_fault(e: &io::Error) -> AcceptFault {
     match e.raw_os_error() {
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => AcceptFault::Exhausted,
+        // accept(2): the pending connection failed, or (for network sockets) an error that
+        // belongs to the new connection; retry.
         Some(
             libc::ECONNABORTED
             | libc::EINTR
@@ -342,9 +344,9 @@ fn accept_fault(e: &io::Error) -> AcceptFault {
             | libc::EHOSTDOWN
             | libc::ENONET
             | libc::EHOSTUNREACH
-            | libc::EOPNOTSUPP
             | libc::ENETUNREACH,
         ) => AcceptFault::Retry,
+        // EBADF, EINVAL (not listening), ENOTSOCK, EOPNOTSUPP (not a stream socket), ...
         _ => AcceptFault::Fatal,
     }
 }
@@ -365,7 +367,11 @@ fn accept_loop(
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
             Err(e) => match accept_fault(&e) {
-                AcceptFault::Retry => continue,
+                AcceptFault::Retry => {
+                    // Never a hot loop, whatever error keeps coming.
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
                 AcceptFault::Exhausted => {
                     if !exhausted {
                         log::warn!("accepting a connection failed: {e}; retrying");
@@ -392,8 +398,8 @@ fn accept_loop(
             .name("connection".into())
             .stack_size(CONNECTION_STACK)
             .spawn(move || {
-                let _live = guard;
-                connection(&stream, &events, &_live.0);
+                let live = guard;
+                connection(&stream, &events, &live.0);
             });
         if let Err(e) = spawned {
             // The closure, and with it the connection and its count, is dropped.
@@ -515,5 +521,40 @@ fn connection(stream: &UnixStream, events: &mpsc::Sender<Event>, counts: &Counts
         if !keep_alive {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_errors_are_retried_waited_out_or_fatal() {
+        let fault = |errno| accept_fault(&io::Error::from_raw_os_error(errno));
+        assert_eq!(fault(libc::EMFILE), AcceptFault::Exhausted);
+        assert_eq!(fault(libc::ENFILE), AcceptFault::Exhausted);
+        assert_eq!(fault(libc::ENOMEM), AcceptFault::Exhausted);
+        assert_eq!(fault(libc::ECONNABORTED), AcceptFault::Retry);
+        assert_eq!(fault(libc::EINTR), AcceptFault::Retry);
+        assert_eq!(fault(libc::EBADF), AcceptFault::Fatal);
+        assert_eq!(fault(libc::EINVAL), AcceptFault::Fatal);
+        assert_eq!(fault(libc::ENOTSOCK), AcceptFault::Fatal);
+    }
+
+    #[test]
+    fn a_socket_file_is_removed_only_while_it_is_the_one_bound() {
+        let dir = std::env::temp_dir().join(format!("oam-socketfile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("s.sock");
+        let Listener::Bound(first, file) = listen(&path).expect("listen") else {
+            panic!("not bound here");
+        };
+        std::fs::remove_file(&path).expect("rm");
+        let second = UnixListener::bind(&path).expect("bind again");
+        drop(file);
+        assert!(path.exists(), "removed a socket it did not bind");
+        drop((first, second));
+        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }

@@ -97,6 +97,72 @@ fn raises_the_soft_open_files_limit_to_the_hard_one() {
 }
 
 #[test]
+fn a_listener_that_fails_makes_the_server_exit_non_zero_at_once() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    // As systemd's socket, a socket that is not listening: accept fails with EINVAL.
+    let (not_listening, _peer) = UnixStream::pair().expect("pair");
+    let fd = not_listening.as_raw_fd();
+    let dir = TempDir::new("badlistener");
+    let mut command = Command::new("sh");
+    command
+        .args([
+            "-c",
+            r#"export LISTEN_PID=$$ LISTEN_FDS=1; exec "$0" "$@""#,
+            BIN,
+        ])
+        .args([
+            "--cluster-store",
+            "http://127.0.0.1:9",
+            "server",
+            "--socket",
+        ])
+        .arg(dir.join("unused.sock"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only dup2 and fcntl, which are async-signal-safe, run between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            // dup2 onto itself would keep close-on-exec set.
+            let done = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if done < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().expect("start the server");
+    let started = Instant::now();
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running 10 s after its listener failed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut log = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut log);
+    }
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("cannot accept connections"), "{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
 fn a_full_descriptor_table_does_not_stop_the_server_accepting() {
     let etcd = Etcd::shared();
     let p = unique_prefix("emfile");
