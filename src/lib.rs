@@ -5,6 +5,7 @@ pub mod alloc;
 pub mod cli;
 pub mod commands;
 pub mod etcd;
+pub mod http;
 pub mod ipam;
 pub mod kv;
 pub mod layout;

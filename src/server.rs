@@ -1,19 +1,42 @@
 //! The socket loop: HTTP on a Unix socket, bound here or inherited through systemd socket
-//! activation, one request handled at a time on one thread, until SIGTERM or SIGINT. Knows
-//! nothing of what the requests mean.
+//! activation, until SIGTERM or SIGINT. Clients are read and answered on threads of their own,
+//! each cut off if a request is not in within a few seconds; the handler runs on one thread,
+//! one whole request at a time. Knows nothing of what the requests mean.
+//!
+//! tiny_http's `Server` is not used: its accept thread ends on the first accept error (EMFILE),
+//! its connections have no read deadline, and its thread pool can leave a keep-alive connection
+//! queued with no thread to serve it (tests/tiny_http_shortfalls.rs shows the first two).
 
 use std::fmt;
-use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::io::FromRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use crate::http::{self, BodyFault, HeadError};
 
 /// Requests with a larger body are refused unread.
 pub const MAX_BODY_BYTES: u64 = 1024 * 1024;
+
+/// A connection must deliver each request in full within this time of being accepted or of
+/// its previous answer; then it is cut off (408 if it had begun). Also the limit on writing
+/// an answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const WRITE_TIMEOUT: Duration = REQUEST_TIMEOUT;
+
+/// At most this many connections at once (fewer if the open files limit is low: half of it,
+/// so that etcd connections always find a descriptor); the rest wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 512;
+
+/// A connection's thread needs little stack: framing a request is shallow.
+const CONNECTION_STACK: usize = 256 * 1024;
+
+/// How long to wait before accepting again when out of descriptors or memory.
+const BACKOFF: Duration = Duration::from_millis(100);
 
 /// How often the loop looks at the stop flag while idle.
 const POLL: Duration = Duration::from_millis(100);
@@ -32,8 +55,9 @@ pub enum ServerError {
     Socket { path: PathBuf, error: io::Error },
     /// The signal handlers could not be installed.
     Signals(io::Error),
-    /// The HTTP server could not start on the listener.
-    Http(String),
+    /// The listening socket failed (or the accept thread could not start): exiting lets the
+    /// service manager start a new server on the socket.
+    Accept(io::Error),
 }
 
 impl fmt::Display for ServerError {
@@ -55,7 +79,7 @@ impl fmt::Display for ServerError {
             }
             ServerError::Socket { path, error } => write!(f, "socket {}: {error}", path.display()),
             ServerError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
-            ServerError::Http(e) => write!(f, "cannot serve HTTP: {e}"),
+            ServerError::Accept(e) => write!(f, "cannot accept connections: {e}"),
         }
     }
 }
@@ -64,10 +88,38 @@ impl std::error::Error for ServerError {}
 
 /// Where requests come from.
 pub enum Listener {
-    /// A socket this process bound (tiny_http unlinks its file when the server is dropped).
-    Bound(UnixListener),
+    /// A socket this process bound; its file is removed when the server stops, if it is
+    /// still this socket.
+    Bound(UnixListener, SocketFile),
     /// A socket systemd passed in; systemd owns its file.
     Inherited(UnixListener),
+}
+
+/// The file of a socket this process bound, known by device and inode: after `rm` and a new
+/// server binding the same path, the path names another socket, which must be left alone.
+pub struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) if meta.dev() == self.dev && meta.ino() == self.ino => {
+                match std::fs::remove_file(&self.path) {
+                    Ok(()) => log::info!("removed {}", self.path.display()),
+                    Err(e) => log::warn!("cannot remove {}: {e}", self.path.display()),
+                }
+            }
+            Ok(_) => log::info!(
+                "{} is no longer the socket this server bound; leaving it",
+                self.path.display()
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("cannot check {}: {e}", self.path.display()),
+        }
+    }
 }
 
 /// Why a request's body was not read.
@@ -134,17 +186,46 @@ pub fn listen(path: &Path) -> Result<Listener, ServerError> {
         Err(e) => return Err(socket_error(e)),
     }
     let listener = UnixListener::bind(path).map_err(socket_error)?;
+    let meta = std::fs::symlink_metadata(path).map_err(socket_error)?;
+    // From here on, dropping `file` removes the socket file.
+    let file = SocketFile {
+        path: path.to_path_buf(),
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
     let permissions = std::fs::Permissions::from_mode(0o660);
-    if let Err(e) = std::fs::set_permissions(path, permissions) {
-        let _ = std::fs::remove_file(path);
-        return Err(socket_error(e));
-    }
+    std::fs::set_permissions(path, permissions).map_err(socket_error)?;
     log::info!("listening on {}", path.display());
-    Ok(Listener::Bound(listener))
+    Ok(Listener::Bound(listener, file))
+}
+
+/// One request for the handler, and where its answer goes.
+struct Job {
+    path: String,
+    body: Result<Vec<u8>, BodyError>,
+    reply: mpsc::Sender<Reply>,
+}
+
+/// What the handler's loop hears from the other threads.
+enum Event {
+    Request(Job),
+    /// The listening socket failed for good.
+    ListenerFailed(io::Error),
+}
+
+/// Counts live connections, and answers handed to connection threads but not yet written.
+#[derive(Default)]
+struct Counts {
+    connections: AtomicUsize,
+    unwritten: AtomicUsize,
 }
 
 /// Serves `handler` until SIGTERM or SIGINT, then finishes the request in hand, removes the
-/// socket file it bound, and returns.
+/// socket file it bound (if still its own), and returns.
+///
+/// One thread accepts; each connection gets a thread that reads its requests under
+/// [`REQUEST_TIMEOUT`] and writes the answers; `handler` runs on the calling thread only, one
+/// request at a time, and never waits on a client.
 pub fn serve(
     listener: Listener,
     mut handler: impl FnMut(&str, Result<&[u8], BodyError>) -> Reply,
@@ -153,63 +234,327 @@ pub fn serve(
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(ServerError::Signals)?;
     }
-    let (unix, inherited) = match listener {
-        Listener::Bound(listener) => (listener, false),
-        Listener::Inherited(listener) => (listener, true),
+    let (unix, _file) = match listener {
+        Listener::Bound(listener, file) => (listener, Some(file)),
+        Listener::Inherited(listener) => (listener, None),
     };
-    let server = tiny_http::Server::from_listener(unix, None)
-        .map_err(|e| ServerError::Http(e.to_string()))?;
+    // systemd may pass the socket non-blocking; the accept thread blocks.
+    unix.set_nonblocking(false).map_err(ServerError::Accept)?;
+    let limit = raise_open_files_limit();
+    let cap = (limit / 2).clamp(8, MAX_CONNECTIONS as u64) as usize;
+    log::debug!("open files limit {limit}: up to {cap} connections at once");
+    let counts = Arc::new(Counts::default());
+    let (events, inbox) = mpsc::channel();
+    {
+        let counts = Arc::clone(&counts);
+        std::thread::Builder::new()
+            .name("accept".into())
+            .spawn(move || accept_loop(&unix, &events, &counts, cap))
+            .map_err(ServerError::Accept)?;
+    }
     while !stop.load(Ordering::Relaxed) {
-        match server.recv_timeout(POLL) {
-            Ok(Some(request)) => answer(request, &mut handler),
-            Ok(None) => {}
-            Err(e) => log::warn!("receiving a request failed: {e}"),
+        match inbox.recv_timeout(POLL) {
+            Ok(Event::Request(job)) => {
+                let reply = handler(&job.path, job.body.as_deref().map_err(Clone::clone));
+                counts.unwritten.fetch_add(1, Ordering::SeqCst);
+                if job.reply.send(reply).is_err() {
+                    counts.unwritten.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            Ok(Event::ListenerFailed(e)) => return Err(ServerError::Accept(e)),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(ServerError::Accept(io::Error::other("accept thread ended")))
+            }
         }
     }
     log::info!("stopping on signal");
-    if inherited {
-        // tiny_http's drop unlinks the socket's path, which belongs to systemd's socket unit:
-        // dockerd would no longer find the plugin. The process exits next; let it go undropped.
-        std::mem::forget(server);
+    // The answer in hand is written by its connection's thread: give it the time a write has.
+    let deadline = Instant::now() + WRITE_TIMEOUT;
+    while counts.unwritten.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
     }
-    // Dropping the server unlinks the socket file this process bound.
     Ok(())
 }
 
-fn answer(
-    mut request: tiny_http::Request,
-    handler: &mut impl FnMut(&str, Result<&[u8], BodyError>) -> Reply,
+/// Sets the soft limit on open files to the hard one, since each connection holds one
+/// (systemd's default soft limit of 1024 is reached by a thousand idle clients); returns the
+/// soft limit in force.
+fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        log::warn!(
+            "cannot read the open files limit: {}",
+            io::Error::last_os_error()
+        );
+        return 1024;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            log::info!(
+                "raised the open files limit from {} to {}",
+                limit.rlim_cur,
+                raised.rlim_cur
+            );
+            return raised.rlim_cur;
+        }
+        log::warn!(
+            "cannot raise the open files limit from {} to {}: {}",
+            limit.rlim_cur,
+            limit.rlim_max,
+            io::Error::last_os_error()
+        );
+    }
+    limit.rlim_cur
+}
+
+/// What to do after `accept` failed.
+#[derive(Debug, PartialEq, Eq)]
+enum AcceptFault {
+    /// This one connection failed (it was reset, a signal came): accept the next.
+    Retry,
+    /// Out of descriptors or memory: wait for connections to end, then accept again.
+    Exhausted,
+    /// The listening socket itself is unusable: the server must exit (and be restarted).
+    Fatal,
+}
+
+fn accept_fault(e: &io::Error) -> AcceptFault {
+    match e.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => AcceptFault::Exhausted,
+        // accept(2): the pending connection failed, or (for network sockets) an error that
+        // belongs to the new connection; retry.
+        Some(
+            libc::ECONNABORTED
+            | libc::EINTR
+            | libc::EAGAIN
+            | libc::EPROTO
+            | libc::EPERM
+            | libc::ENETDOWN
+            | libc::ENOPROTOOPT
+            | libc::EHOSTDOWN
+            | libc::ENONET
+            | libc::EHOSTUNREACH
+            | libc::ENETUNREACH,
+        ) => AcceptFault::Retry,
+        // EBADF, EINVAL (not listening), ENOTSOCK, EOPNOTSUPP (not a stream socket), ...
+        _ => AcceptFault::Fatal,
+    }
+}
+
+/// Accepts connections for as long as the listener works, at most `cap` at once (the rest wait
+/// in the listen backlog), and gives each a thread.
+fn accept_loop(
+    listener: &UnixListener,
+    events: &mpsc::Sender<Event>,
+    counts: &Arc<Counts>,
+    cap: usize,
 ) {
-    let path = request
-        .url()
-        .split('?')
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    let mut body = Vec::new();
-    let read = match request.body_length() {
-        Some(len) if len as u64 > MAX_BODY_BYTES => Err(BodyError::TooLarge {
-            limit: MAX_BODY_BYTES,
-        }),
-        _ => match request
-            .as_reader()
-            .take(MAX_BODY_BYTES + 1)
-            .read_to_end(&mut body)
-        {
-            Ok(_) if body.len() as u64 > MAX_BODY_BYTES => Err(BodyError::TooLarge {
+    let mut exhausted = false;
+    loop {
+        while counts.connections.load(Ordering::SeqCst) >= cap {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) => match accept_fault(&e) {
+                AcceptFault::Retry => {
+                    // Never a hot loop, whatever error keeps coming.
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                AcceptFault::Exhausted => {
+                    if !exhausted {
+                        log::warn!("accepting a connection failed: {e}; retrying");
+                    }
+                    exhausted = true;
+                    std::thread::sleep(BACKOFF);
+                    continue;
+                }
+                AcceptFault::Fatal => {
+                    log::error!("accepting a connection failed: {e}");
+                    let _ = events.send(Event::ListenerFailed(e));
+                    return;
+                }
+            },
+        };
+        if exhausted {
+            log::info!("accepting connections again");
+            exhausted = false;
+        }
+        counts.connections.fetch_add(1, Ordering::SeqCst);
+        let guard = Live(Arc::clone(counts));
+        let events = events.clone();
+        let spawned = std::thread::Builder::new()
+            .name("connection".into())
+            .stack_size(CONNECTION_STACK)
+            .spawn(move || {
+                let live = guard;
+                connection(&stream, &events, &live.0);
+            });
+        if let Err(e) = spawned {
+            // The closure, and with it the connection and its count, is dropped.
+            log::warn!("cannot start a thread for a connection: {e}");
+            std::thread::sleep(BACKOFF);
+        }
+    }
+}
+
+/// Holds one count in `connections` while a connection lives.
+struct Live(Arc<Counts>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A socket read that gives up at `until`, however the bytes trickle in.
+struct Deadlined<'a> {
+    stream: &'a UnixStream,
+    until: Instant,
+}
+
+impl Read for Deadlined<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        match self.stream.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::ErrorKind::TimedOut.into()),
+            other => other,
+        }
+    }
+}
+
+const PLAIN: &str = "text/plain; charset=utf-8";
+
+/// Serves one connection: each request must arrive in full within [`REQUEST_TIMEOUT`] of the
+/// connection being accepted or its previous answer written; the handler's loop gets it whole.
+fn connection(stream: &UnixStream, events: &mpsc::Sender<Event>, counts: &Counts) {
+    if let Err(e) = stream.set_write_timeout(Some(WRITE_TIMEOUT)) {
+        log::warn!("cannot set a write timeout on a connection: {e}");
+        return;
+    }
+    let mut reader = BufReader::new(Deadlined {
+        stream,
+        until: Instant::now() + REQUEST_TIMEOUT,
+    });
+    let send = |bytes: Vec<u8>| {
+        let mut w = stream;
+        w.write_all(&bytes).and_then(|()| w.flush())
+    };
+    let refuse = |status: u16, why: &str, head_only: bool, extra: &[(&str, &str)]| {
+        log::warn!("refused a request: {why}");
+        let _ = send(http::answer(status, PLAIN, why, true, head_only, extra));
+    };
+    let timed_out = format!(
+        "request not received within {} s",
+        REQUEST_TIMEOUT.as_secs()
+    );
+    loop {
+        reader.get_mut().until = Instant::now() + REQUEST_TIMEOUT;
+        let head = match http::read_head(&mut reader) {
+            Ok(head) => head,
+            Err(HeadError::Idle | HeadError::Closed) => return,
+            Err(HeadError::TimedOut) => return refuse(408, &timed_out, false, &[]),
+            Err(HeadError::Refused(status, why)) => return refuse(status, &why, false, &[]),
+        };
+        // Every call is a POST; anything else could change the pools without the caller
+        // being told (a HEAD answer has no body).
+        if head.method != "POST" {
+            let why = format!("method {} is not allowed: only POST is served", head.method);
+            return refuse(405, &why, head.method == "HEAD", &[("Allow", "POST")]);
+        }
+        if head.expects_continue && head.has_body() {
+            let mut w = stream;
+            if http::write_continue(&mut w).is_err() {
+                return;
+            }
+        }
+        let body = match http::read_body(&mut reader, &head, MAX_BODY_BYTES) {
+            Ok(body) => Ok(body),
+            Err(BodyFault::TooLarge) => Err(BodyError::TooLarge {
                 limit: MAX_BODY_BYTES,
             }),
-            Ok(_) => Ok(body.as_slice()),
-            Err(e) => Err(BodyError::Unreadable(e.to_string())),
-        },
-    };
-    log::debug!("{} {path} ({} bytes)", request.method(), body.len());
-    let reply = handler(&path, read);
-    let mut response = tiny_http::Response::from_string(reply.body).with_status_code(reply.status);
-    if let Ok(header) = tiny_http::Header::from_bytes("Content-Type", reply.content_type) {
-        response.add_header(header);
+            Err(BodyFault::Malformed(why)) => Err(BodyError::Unreadable(why)),
+            Err(BodyFault::Closed) => return,
+            Err(BodyFault::TimedOut) => return refuse(408, &timed_out, false, &[]),
+        };
+        // After a refused body the next request's start is unknown.
+        let keep_alive = head.keep_alive && body.is_ok();
+        let (reply, answer) = mpsc::channel();
+        let job = Job {
+            path: head.path,
+            body,
+            reply,
+        };
+        if events.send(Event::Request(job)).is_err() {
+            return;
+        }
+        // The handler answers every request it takes; an error means it stopped first.
+        let Ok(reply) = answer.recv() else { return };
+        let written = send(http::answer(
+            reply.status,
+            reply.content_type,
+            &reply.body,
+            !keep_alive,
+            false,
+            &[],
+        ));
+        counts.unwritten.fetch_sub(1, Ordering::SeqCst);
+        if let Err(e) = written {
+            log::warn!("answering a request failed: {e}");
+            return;
+        }
+        if !keep_alive {
+            return;
+        }
     }
-    if let Err(e) = request.respond(response) {
-        log::warn!("answering {path} failed: {e}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_errors_are_retried_waited_out_or_fatal() {
+        let fault = |errno| accept_fault(&io::Error::from_raw_os_error(errno));
+        assert_eq!(fault(libc::EMFILE), AcceptFault::Exhausted);
+        assert_eq!(fault(libc::ENFILE), AcceptFault::Exhausted);
+        assert_eq!(fault(libc::ENOMEM), AcceptFault::Exhausted);
+        assert_eq!(fault(libc::ECONNABORTED), AcceptFault::Retry);
+        assert_eq!(fault(libc::EINTR), AcceptFault::Retry);
+        assert_eq!(fault(libc::EBADF), AcceptFault::Fatal);
+        assert_eq!(fault(libc::EINVAL), AcceptFault::Fatal);
+        assert_eq!(fault(libc::ENOTSOCK), AcceptFault::Fatal);
+    }
+
+    #[test]
+    fn a_socket_file_is_removed_only_while_it_is_the_one_bound() {
+        let dir = std::env::temp_dir().join(format!("oam-socketfile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("s.sock");
+        let Listener::Bound(first, file) = listen(&path).expect("listen") else {
+            panic!("not bound here");
+        };
+        std::fs::remove_file(&path).expect("rm");
+        let second = UnixListener::bind(&path).expect("bind again");
+        drop(file);
+        assert!(path.exists(), "removed a socket it did not bind");
+        drop((first, second));
+        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }

@@ -1,0 +1,753 @@
+//! The socket loop under faults and hostile clients (issue 9), against a real etcd: a full
+//! descriptor table, stalled and slow clients, keep-alive storms, methods other than POST,
+//! HTTP/2.0, a socket path taken over by a newer server, and 20,000 fuzzed requests.
+
+mod common;
+
+use common::{ip_range, unique_prefix, Etcd, PluginClient, Server, TempDir, BIN};
+use serde_json::json;
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The server's per-request deadline (server::REQUEST_TIMEOUT).
+const DEADLINE: Duration = Duration::from_secs(5);
+
+fn container_request(pool: &str, addr: &str, mac: &str) -> String {
+    json!({"PoolID": pool, "Address": addr, "Options": {"com.docker.network.endpoint.macaddress": mac}})
+        .to_string()
+}
+
+/// A raw answer: status (0 if none), what came back as text, and how long until the server
+/// closed the connection (or the wait ran out).
+#[derive(Debug)]
+struct Raw {
+    status: u16,
+    text: String,
+    took: Duration,
+}
+
+/// Sends `bytes`, then reads until the server closes (or `wait` passes): what came back.
+fn exchange(sock: &Path, bytes: &[u8], half_close: bool, wait: Duration) -> Raw {
+    let started = Instant::now();
+    let mut s = UnixStream::connect(sock).expect("connect");
+    s.set_read_timeout(Some(wait)).expect("timeout");
+    // The server may answer and close before reading everything: that is not a failure here.
+    let _ = s.write_all(bytes);
+    if half_close {
+        let _ = s.shutdown(Shutdown::Write);
+    }
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    raw(&got, started.elapsed())
+}
+
+fn raw(got: &[u8], took: Duration) -> Raw {
+    let text = String::from_utf8_lossy(got).into_owned();
+    // An interim `100 Continue` precedes the answer.
+    let last = text
+        .strip_prefix("HTTP/1.1 100 Continue\r\n\r\n")
+        .unwrap_or(&text);
+    let status = last
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Raw { status, text, took }
+}
+
+/// The address answered to a RequestAddress, on a fresh connection.
+fn allocate(sock: &Path, mac: &str) -> String {
+    let mut c = PluginClient::connect(sock);
+    let r = c.call(
+        "/IpamDriver.RequestAddress",
+        &container_request("192.0.2.0", "", mac),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["Address"].as_str().unwrap_or_default().to_string()
+}
+
+fn open_files_limit(pid: u32) -> String {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn raises_the_soft_open_files_limit_to_the_hard_one() {
+    let etcd = Etcd::shared();
+    let dir = TempDir::new("nofile");
+    let sock = dir.join("s.sock");
+    let mut prlimit = Command::new("prlimit");
+    prlimit.args(["--nofile=64:4096", BIN]);
+    let server = Server::start_with(prlimit, &etcd.url, "/unused", &sock, &sock);
+    assert_eq!(open_files_limit(server.child.id()), "4096 4096");
+}
+
+#[test]
+fn a_listener_that_fails_makes_the_server_exit_non_zero_at_once() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    // As systemd's socket, a socket that is not listening: accept fails with EINVAL.
+    let (not_listening, _peer) = UnixStream::pair().expect("pair");
+    let fd = not_listening.as_raw_fd();
+    let dir = TempDir::new("badlistener");
+    let mut command = Command::new("sh");
+    command
+        .args([
+            "-c",
+            r#"export LISTEN_PID=$$ LISTEN_FDS=1; exec "$0" "$@""#,
+            BIN,
+        ])
+        .args([
+            "--cluster-store",
+            "http://127.0.0.1:9",
+            "server",
+            "--socket",
+        ])
+        .arg(dir.join("unused.sock"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only dup2 and fcntl, which are async-signal-safe, run between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            // dup2 onto itself would keep close-on-exec set.
+            let done = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if done < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().expect("start the server");
+    let started = Instant::now();
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running 10 s after its listener failed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut log = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut log);
+    }
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("cannot accept connections"), "{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_full_descriptor_table_does_not_stop_the_server_accepting() {
+    let etcd = Etcd::shared();
+    let p = unique_prefix("emfile");
+    ip_range(&etcd.url, &p, "192.0.2.1/24", "192.0.2.200/24");
+    let dir = TempDir::new("emfile");
+    let sock = dir.join("s.sock");
+    let mut prlimit = Command::new("prlimit");
+    prlimit.args(["--nofile=64:64", BIN]);
+    let mut server = Server::start_with(prlimit, &etcd.url, &p, &sock, &sock);
+    assert_eq!(open_files_limit(server.child.id()), "64 64");
+
+    // The issue's repro: 80 connections that send half their headers, then close.
+    let mut held: Vec<UnixStream> = (0..80)
+        .map(|_| {
+            let mut s = UnixStream::connect(&sock).expect("connect");
+            let _ = s.write_all(b"POST /Plugin.Activate HTTP/1.1\r\nHost: ");
+            s
+        })
+        .collect();
+    held.clear();
+    for i in 0..20 {
+        let started = Instant::now();
+        let mut c = PluginClient::connect(&sock);
+        assert_eq!(c.call("/Plugin.Activate", "").status, 200);
+        assert!(started.elapsed() < DEADLINE, "{:?}", started.elapsed());
+        allocate(&sock, &format!("02:42:00:00:01:{i:02x}"));
+    }
+
+    // 80 held open: more than the 64 descriptors. The server takes 32 connections at once
+    // (half its limit), so the stallers ahead of a new client are cut off in three rounds of
+    // the deadline; then it is answered.
+    let held: Vec<UnixStream> = (0..80)
+        .map(|_| {
+            let mut s = UnixStream::connect(&sock).expect("connect");
+            let _ = s.write_all(b"POST /Plugin.Activate HTTP/1.1\r\nHost: ");
+            s
+        })
+        .collect();
+    let started = Instant::now();
+    let got = allocate(&sock, "02:42:00:00:02:01");
+    let waited = started.elapsed();
+    eprintln!("answered after {waited:?} with 80 stallers holding on");
+    assert!(got.starts_with("192.0.2."), "{got}");
+    assert!(waited < 4 * DEADLINE, "{waited:?}");
+    drop(held);
+    assert!(matches!(server.child.try_wait(), Ok(None)), "server died");
+    assert_eq!(server.signal_and_wait("TERM").code(), Some(0));
+    let log = server.log();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+/// A client that starts a request and then holds the connection, silent.
+struct Staller {
+    what: &'static str,
+    stream: UnixStream,
+    started: Instant,
+}
+
+fn stall(sock: &Path, what: &'static str, bytes: &[u8]) -> Staller {
+    let started = Instant::now();
+    let mut stream = UnixStream::connect(sock).expect("connect");
+    stream.write_all(bytes).expect("write");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    Staller {
+        what,
+        stream,
+        started,
+    }
+}
+
+const STALLS: [(&str, &[u8]); 6] = [
+    (
+        "Content-Length 2000, one byte",
+        b"POST /IpamDriver.RequestPool HTTP/1.1\r\nContent-Length: 2000\r\n\r\n{",
+    ),
+    (
+        "chunked, partial",
+        b"POST /IpamDriver.RequestPool HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"",
+    ),
+    (
+        "half a head",
+        b"POST /IpamDriver.RequestPool HTTP/1.1\r\nContent-Le",
+    ),
+    (
+        "Content-Length 10, no body",
+        b"POST /Plugin.Activate HTTP/1.1\r\nContent-Length: 10\r\n\r\n",
+    ),
+    ("silent", b""),
+    (
+        "Transfer-Encoding gzip, partial",
+        b"POST /IpamDriver.RequestPool HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8b",
+    ),
+];
+
+#[test]
+fn stalled_and_slow_clients_delay_no_one_and_are_cut_off() {
+    let etcd = Etcd::shared();
+    let p = unique_prefix("stall");
+    ip_range(&etcd.url, &p, "192.0.2.1/24", "192.0.2.200/24");
+    let dir = TempDir::new("stall");
+    let sock = dir.join("s.sock");
+    let mut server = Server::start(&etcd.url, &p, &sock);
+    let stallers: Vec<Staller> = STALLS
+        .iter()
+        .map(|(what, bytes)| stall(&sock, what, bytes))
+        .collect();
+    // A slow client: one byte of a valid request every 500 ms, for up to 30 s.
+    let slow_cut = std::thread::spawn({
+        let sock = sock.clone();
+        move || {
+            let started = Instant::now();
+            let mut s = UnixStream::connect(&sock).expect("connect");
+            let request = format!(
+                "POST /Plugin.Activate HTTP/1.1\r\nContent-Length: 100\r\n\r\n{}",
+                " ".repeat(100)
+            );
+            for b in request.bytes() {
+                if s.write_all(&[b]).is_err() || started.elapsed() > Duration::from_secs(30) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            let mut got = Vec::new();
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+            let _ = s.read_to_end(&mut got);
+            raw(&got, started.elapsed())
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+
+    // Others are answered at once, on a keep-alive connection and on new ones.
+    let mut worst = Duration::ZERO;
+    let mut c = PluginClient::connect(&sock);
+    for i in 0..20 {
+        let started = Instant::now();
+        let r = c.call(
+            "/IpamDriver.RequestAddress",
+            &container_request("192.0.2.0", "", &format!("02:42:00:00:03:{i:02x}")),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        allocate(&sock, &format!("02:42:00:00:04:{i:02x}"));
+        worst = worst.max(started.elapsed());
+    }
+    eprintln!("while 7 clients stalled, the slowest of 40 requests took {worst:?}");
+    assert!(worst < Duration::from_secs(3), "{worst:?}");
+
+    // Each staller is cut off at the deadline: 408 if it had begun a request, 501 at once for
+    // a transfer coding the server does not take, nothing for the silent one.
+    for mut s in stallers {
+        let mut got = Vec::new();
+        let _ = s.stream.read_to_end(&mut got);
+        let r = raw(&got, s.started.elapsed());
+        eprintln!("{}: {} after {:?}", s.what, r.status, r.took);
+        let want = match s.what {
+            "silent" => 0,
+            "Transfer-Encoding gzip, partial" => 501,
+            _ => 408,
+        };
+        assert_eq!(r.status, want, "{}: {}", s.what, r.text);
+        if want != 501 {
+            assert!(
+                r.took >= DEADLINE - Duration::from_secs(1) && r.took < 3 * DEADLINE,
+                "{}: cut off after {:?}",
+                s.what,
+                r.took
+            );
+        }
+    }
+    let slow = slow_cut.join().expect("slow client");
+    eprintln!("slow client: {} after {:?}", slow.status, slow.took);
+    assert_eq!(slow.status, 408, "{}", slow.text);
+    assert!(slow.took < 3 * DEADLINE, "{:?}", slow.took);
+    assert_eq!(server.signal_and_wait("TERM").code(), Some(0));
+}
+
+#[test]
+fn sigterm_is_honoured_while_clients_stall() {
+    let etcd = Etcd::shared();
+    let dir = TempDir::new("stallterm");
+    let sock = dir.join("s.sock");
+    let mut server = Server::start(&etcd.url, "/unused", &sock);
+    let _stallers: Vec<Staller> = STALLS
+        .iter()
+        .map(|(what, bytes)| stall(&sock, what, bytes))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let status = server.signal_and_wait("TERM");
+    eprintln!("exited {:?} after SIGTERM", started.elapsed());
+    assert_eq!(status.code(), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(!sock.exists(), "socket left behind");
+}
+
+#[test]
+fn sixteen_keep_alive_connections_at_once_are_all_answered() {
+    let etcd = Etcd::shared();
+    let p = unique_prefix("storm");
+    ip_range(&etcd.url, &p, "192.0.2.1/24", "192.0.2.254/24");
+    let dir = TempDir::new("storm");
+    for trial in 0..5 {
+        let sock = dir.join(&format!("s{trial}.sock"));
+        // A fresh server each trial, as in the issue's repro.
+        let server = Server::start(&etcd.url, &p, &sock);
+        let release = Arc::new(AtomicBool::new(false));
+        let handles: Vec<_> = (0..16)
+            .map(|i| {
+                let sock = sock.clone();
+                let release = Arc::clone(&release);
+                std::thread::spawn(move || {
+                    let mut c = PluginClient::connect(&sock);
+                    let started = Instant::now();
+                    let r = c.call(
+                        "/IpamDriver.RequestAddress",
+                        &container_request(
+                            "192.0.2.0",
+                            "",
+                            &format!("02:42:00:05:{trial:02x}:{i:02x}"),
+                        ),
+                    );
+                    let took = started.elapsed();
+                    // Keep the connection open until every client has its answer.
+                    let until = Instant::now() + Duration::from_secs(20);
+                    while !release.load(Ordering::SeqCst) && Instant::now() < until {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    (r.status, r.body, took)
+                })
+            })
+            .collect();
+        // Every client answered releases them all; the 30 s read timeout bounds a failure.
+        let waiter = {
+            let release = Arc::clone(&release);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(8));
+                release.store(true, Ordering::SeqCst);
+            })
+        };
+        let mut worst = Duration::ZERO;
+        let mut answered = Vec::new();
+        for h in handles {
+            let (status, body, took) = h.join().expect("client");
+            assert_eq!(status, 200, "trial {trial}: {body}");
+            answered.push(body);
+            worst = worst.max(took);
+        }
+        drop(waiter);
+        eprintln!("trial {trial}: 16 keep-alive clients, slowest answer {worst:?}");
+        assert!(worst < Duration::from_secs(3), "trial {trial}: {worst:?}");
+        answered.sort();
+        answered.dedup();
+        assert_eq!(answered.len(), 16, "an address was given twice");
+        drop(server);
+    }
+}
+
+#[test]
+fn only_post_is_served() {
+    let etcd = Etcd::shared();
+    let p = unique_prefix("methods");
+    ip_range(&etcd.url, &p, "192.0.2.1/24", "192.0.2.20/24");
+    let dir = TempDir::new("methods");
+    let sock = dir.join("s.sock");
+    let _server = Server::start(&etcd.url, &p, &sock);
+    let before = etcd.dump(&p);
+    let body = container_request("192.0.2.0", "", "02:42:00:00:06:01");
+    for method in ["HEAD", "GET", "PUT", "DELETE", "OPTIONS", "PATCH", "FOO"] {
+        let request = format!(
+            "{method} /IpamDriver.RequestAddress HTTP/1.1\r\nHost: \r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let r = exchange(&sock, request.as_bytes(), false, Duration::from_secs(10));
+        assert_eq!(r.status, 405, "{method}: {}", r.text);
+        assert!(
+            r.text.contains("\r\nAllow: POST\r\n"),
+            "{method}: {}",
+            r.text
+        );
+        assert!(
+            r.text.contains("\r\nConnection: close\r\n"),
+            "{method}: {}",
+            r.text
+        );
+        assert!(
+            r.took < Duration::from_secs(3),
+            "{method}: not closed at once"
+        );
+        let body_sent = r.text.split("\r\n\r\n").nth(1).unwrap_or_default();
+        if method == "HEAD" {
+            assert_eq!(body_sent, "", "HEAD answered with a body");
+        } else {
+            assert!(body_sent.contains("only POST is served"), "{}", r.text);
+        }
+    }
+    assert_eq!(etcd.dump(&p), before, "a refused method changed etcd");
+    // The same request as POST does allocate: the refusals above were not for its content.
+    allocate(&sock, "02:42:00:00:06:01");
+    assert_ne!(etcd.dump(&p), before);
+}
+
+#[test]
+fn http_2_is_answered_505_and_closed() {
+    let etcd = Etcd::shared();
+    let dir = TempDir::new("http2");
+    let sock = dir.join("s.sock");
+    let _server = Server::start(&etcd.url, "/unused", &sock);
+    for request in [
+        &b"POST /Plugin.Activate HTTP/2.0\r\nContent-Length: 0\r\n\r\n"[..],
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ] {
+        let r = exchange(&sock, request, false, Duration::from_secs(10));
+        assert_eq!(r.status, 505, "{}", r.text);
+        assert!(
+            r.took < Duration::from_secs(3),
+            "not closed at once: {:?}",
+            r.took
+        );
+    }
+}
+
+#[test]
+fn a_stopping_server_leaves_a_newer_servers_socket() {
+    let etcd = Etcd::shared();
+    let dir = TempDir::new("takeover");
+    let sock = dir.join("talkingdata.sock");
+    let mut a = Server::start(&etcd.url, "/unused", &sock);
+    std::fs::remove_file(&sock).expect("rm the socket");
+    let mut b = Server::start(&etcd.url, "/unused", &sock);
+    assert_eq!(a.signal_and_wait("TERM").code(), Some(0));
+    let log = a.log();
+    assert!(
+        log.contains("no longer the socket this server bound"),
+        "{log}"
+    );
+    assert!(sock.exists(), "A removed B's socket");
+    assert_eq!(
+        PluginClient::connect(&sock)
+            .call("/Plugin.Activate", "")
+            .status,
+        200
+    );
+    assert_eq!(b.signal_and_wait("TERM").code(), Some(0));
+    assert!(!sock.exists(), "B left its own socket");
+}
+
+/// xorshift64*: enough randomness for fuzzing, reproducible from the printed seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+const PATHS: [&str; 8] = [
+    "/Plugin.Activate",
+    "/IpamDriver.GetCapabilities",
+    "/IpamDriver.GetDefaultAddressSpaces",
+    "/IpamDriver.RequestPool",
+    "/IpamDriver.RequestAddress",
+    "/IpamDriver.ReleaseAddress",
+    "/IpamDriver.ReleasePool",
+    "/Nope",
+];
+
+fn fuzz_bodies() -> Vec<String> {
+    vec![
+        String::new(),
+        r#"{"AddressSpace":"","Pool":"192.0.2.0/24","SubPool":"","Options":{},"V6":false}"#.into(),
+        r#"{"PoolID":"192.0.2.0","Address":"192.0.2.10","Options":{"RequestAddressType":"com.docker.network.gateway"}}"#.into(),
+        r#"{"PoolID":"192.0.2.0","Address":"192.0.2.1","Options":null}"#.into(),
+        container_request("192.0.2.0", "", "02:42:68:43:a9:ad"),
+        container_request("192.0.2.0", "192.0.2.15", "02:42:3a:3c:3b:a9"),
+        r#"{"PoolID":"192.0.2.0","Address":"192.0.2.15"}"#.into(),
+        r#"{"PoolID":"192.0.2.0"}"#.into(),
+    ]
+}
+
+/// A well-formed request, in one of the framings a client may use.
+fn seed(rng: &mut Rng, bodies: &[String]) -> Vec<u8> {
+    let path = rng.pick(&PATHS);
+    let body = rng.pick(bodies);
+    match rng.below(5) {
+        0 => {
+            let half = body.len() / 2;
+            format!(
+                "POST {path} HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{}\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+                half, &body[..half], body.len() - half, &body[half..]
+            )
+        }
+        1 => format!("POST {path} HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}", body.len()),
+        2 => format!(
+            "POST {path} HTTP/1.1\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+        3 => format!(
+            "POST {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}POST /Plugin.Activate HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            body.len()
+        ),
+        _ => format!(
+            "POST {path} HTTP/1.1\r\nHost: \r\nUser-Agent: Go-http-client/1.1\r\nContent-Length: {}\r\n\
+             Accept: application/vnd.docker.plugins.v1.2+json\r\nAccept-Encoding: gzip\r\n\r\n{body}",
+            body.len()
+        ),
+    }
+    .into_bytes()
+}
+
+const TOKENS: [&str; 16] = [
+    "\r\n",
+    "\r\n\r\n",
+    ":",
+    " ",
+    "\0",
+    "HTTP/1.1",
+    "HTTP/2.0",
+    "Content-Length: ",
+    "Transfer-Encoding: chunked\r\n",
+    "99999999999999999999",
+    "-1",
+    "{",
+    "}",
+    "\"",
+    "null",
+    "\u{00e9}",
+];
+
+/// A request changed in one to four random ways.
+fn mutate(rng: &mut Rng, mut bytes: Vec<u8>, other: &[u8]) -> Vec<u8> {
+    for _ in 0..=rng.below(4) {
+        let at = rng.below(bytes.len() + 1);
+        match rng.below(9) {
+            0 if !bytes.is_empty() => {
+                let i = rng.below(bytes.len());
+                bytes[i] ^= 1 << rng.below(8);
+            }
+            1 if !bytes.is_empty() => {
+                let i = rng.below(bytes.len());
+                bytes[i] = rng.next() as u8;
+            }
+            2 => {
+                let end = (at + rng.below(16)).min(bytes.len());
+                bytes.drain(at..end);
+            }
+            3 => {
+                let token = rng.pick(&TOKENS).as_bytes();
+                bytes.splice(at..at, token.iter().copied());
+            }
+            4 => bytes.truncate(at),
+            5 => {
+                let from = rng.below(other.len() + 1);
+                bytes.truncate(at);
+                bytes.extend_from_slice(&other[from..]);
+            }
+            6 => {
+                const METHODS: [&[u8]; 6] = [b"GET", b"HEAD", b"PUT", b"post", b"P\0ST", b""];
+                let method = *rng.pick(&METHODS);
+                if let Some(sp) = bytes.iter().position(|&b| b == b' ') {
+                    bytes.splice(..sp, method.iter().copied());
+                }
+            }
+            7 => {
+                let end = (at + rng.below(64)).min(bytes.len());
+                let copy = bytes[at..end].to_vec();
+                bytes.splice(at..at, copy);
+            }
+            _ => {
+                let n = rng.below(32);
+                let noise: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                bytes.splice(at..at, noise);
+            }
+        }
+    }
+    bytes
+}
+
+#[test]
+fn twenty_thousand_fuzzed_requests_change_nothing_and_crash_nothing() {
+    let etcd = Etcd::shared();
+    let p = unique_prefix("fuzz");
+    ip_range(&etcd.url, &p, "192.0.2.11/24", "192.0.2.20/24");
+    // Every pooled address is held by a container of another host, so that no request, valid
+    // or not, can change etcd: a release leaves another host's address alone and nothing is
+    // free to take. Any change is then the fuzzing's doing.
+    let owner = r#"{"Role":"container","Host":"fuzz-other-host","Mac":"02:42:00:00:00:99","Since":"2026-01-01T00:00:00Z"}"#;
+    for (key, _) in etcd.dump(&format!("{p}/containers/192.0.2.0/pool/")) {
+        etcd.delete(&key);
+        etcd.put(&key.replace("/pool/", "/assigned/"), owner);
+    }
+    let before = etcd.dump(&p);
+    assert_eq!(before.len(), 11, "{before:?}");
+
+    let dir = TempDir::new("fuzz");
+    let sock = dir.join("s.sock");
+    // Its log goes to a file: 20,000 refusals would fill a pipe nobody reads.
+    let log_path = dir.join("server.log");
+    let child = Command::new(BIN)
+        .args(common::store_args(&etcd.url, &p))
+        .args(["server", "--socket"])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).expect("log file"))
+        .spawn()
+        .expect("start the server");
+    let mut server = Server {
+        child,
+        socket: sock.clone(),
+    };
+    common::wait_for_socket(&sock);
+
+    let seed0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        | 1;
+    eprintln!("fuzz seed {seed0}");
+    const CLIENTS: usize = 16;
+    const PER_CLIENT: usize = 1_300;
+    let statuses: Arc<[AtomicUsize; 600]> = Arc::new(std::array::from_fn(|_| AtomicUsize::new(0)));
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for client in 0..CLIENTS {
+            let sock = &sock;
+            let statuses = Arc::clone(&statuses);
+            scope.spawn(move || {
+                let mut rng = Rng(seed0 ^ (client as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                let bodies = fuzz_bodies();
+                for _ in 0..PER_CLIENT {
+                    let base = seed(&mut rng, &bodies);
+                    let case = match rng.below(10) {
+                        0 => (0..rng.below(300)).map(|_| rng.next() as u8).collect(),
+                        1 => base,
+                        _ => {
+                            let other = seed(&mut rng, &bodies);
+                            mutate(&mut rng, base, &other)
+                        }
+                    };
+                    // Half-closing makes a request cut short end at once instead of at the
+                    // deadline; the server must answer or close, never hang.
+                    let r = exchange(sock, &case, true, Duration::from_secs(15));
+                    assert!(
+                        r.took < Duration::from_secs(10),
+                        "no answer and no close after {:?} for {:?}",
+                        r.took,
+                        String::from_utf8_lossy(&case)
+                    );
+                    statuses[usize::from(r.status).min(599)].fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let took = started.elapsed();
+    let sent = CLIENTS * PER_CLIENT;
+    let seen: Vec<String> = statuses
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.load(Ordering::Relaxed) > 0)
+        .map(|(s, n)| format!("{s}: {}", n.load(Ordering::Relaxed)))
+        .collect();
+    eprintln!(
+        "{sent} fuzzed requests in {took:?}; answers by status (0 = closed without one): {seen:?}"
+    );
+    assert!(sent >= 20_000);
+    assert!(took < Duration::from_secs(60), "{took:?}");
+    // The fuzzing reached the handler, not only the framing.
+    assert!(statuses[200].load(Ordering::Relaxed) > 1000, "{seen:?}");
+
+    assert!(matches!(server.child.try_wait(), Ok(None)), "server died");
+    let mut c = PluginClient::connect(&sock);
+    assert_eq!(c.call("/Plugin.Activate", "").status, 200);
+    assert_eq!(etcd.dump(&p), before, "fuzzing changed etcd");
+    assert_eq!(server.signal_and_wait("TERM").code(), Some(0));
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(!log.contains("panicked"), "{log}");
+}
