@@ -664,7 +664,9 @@ fn read_optional(path: &Path) -> io::Result<Option<String>> {
 
 /// Replaces `path` with `text` through a temporary file and a rename, so that it is never
 /// seen half-written. If it existed, the original is first copied to a `.bak` beside it
-/// (network scripts ignore `*.bak`); returns that backup's path.
+/// (network scripts ignore `*.bak`); returns that backup's path. Both new files are created
+/// exclusively, so a file or symlink planted at their names is never written through, and
+/// an earlier backup is never overwritten.
 fn write_atomically(path: &Path, text: &str, existed: bool) -> io::Result<Option<PathBuf>> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
@@ -672,29 +674,71 @@ fn write_atomically(path: &Path, text: &str, existed: bool) -> io::Result<Option
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let backup = if existed {
+        let original = fs::read(path)?;
+        let mode = fs::metadata(path)?.permissions().mode() & 0o777;
         let stamp = crate::layout::rfc3339_now().replace([':', '-'], "");
-        let backup = dir.join(format!("{name}.{}.bak", &stamp[..15]));
-        fs::copy(path, &backup)?;
+        let base = format!("{name}.{}", &stamp[..15]);
+        let (backup, mut file) = create_exclusively(dir, &base, ".bak", mode)?;
+        let copied = file.write_all(&original).and_then(|()| file.sync_all());
+        if let Err(e) = copied {
+            let _ = fs::remove_file(&backup);
+            return Err(e);
+        }
         Some(backup)
     } else {
         None
     };
-    let temp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let written = (|| {
-        let mut file = fs::File::create(&temp)?;
-        file.write_all(text.as_bytes())?;
-        file.set_permissions(fs::Permissions::from_mode(0o644))?;
-        file.sync_all()?;
-        fs::rename(&temp, path)
-    })();
+    let base = format!(".{name}.tmp-{}", std::process::id());
+    let written = create_exclusively(dir, &base, "", 0o644).and_then(|(temp, mut file)| {
+        let done = file
+            .write_all(text.as_bytes())
+            .and_then(|()| file.sync_all())
+            .and_then(|()| fs::rename(&temp, path));
+        if done.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        done
+    });
     if let Err(e) = written {
-        let _ = fs::remove_file(&temp);
         if let Some(b) = &backup {
             let _ = fs::remove_file(b);
         }
         return Err(e);
     }
     Ok(backup)
+}
+
+/// Creates `<base><suffix>` in `dir`, or `<base>.1<suffix>`, `.2`, ... if that name is
+/// taken: `create_new` fails on any existing entry, a symlink included, so nothing planted
+/// there is followed.
+fn create_exclusively(
+    dir: &Path,
+    base: &str,
+    suffix: &str,
+    mode: u32,
+) -> io::Result<(PathBuf, fs::File)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    for n in 0..100 {
+        let name = match n {
+            0 => format!("{base}{suffix}"),
+            n => format!("{base}.{n}{suffix}"),
+        };
+        let path = dir.join(name);
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+        {
+            Ok(file) => return Ok((path, file)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("100 files named {base}*{suffix} exist in {}", dir.display()),
+    ))
 }
 
 #[cfg(test)]
@@ -728,6 +772,36 @@ mod tests {
         assert!(fresh.starts_with("DEVICE=eth0\n") && fresh.ends_with("BRIDGE=br0\n"));
         let again = enslaved_ifcfg(Some(&fresh), "eth0", "br0");
         assert_eq!(again, fresh);
+    }
+
+    #[test]
+    fn planted_links_are_never_followed_and_backups_never_overwritten() {
+        let dir = std::env::temp_dir().join(format!("oam-net-plant-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        fs::write(&victim, "precious\n").unwrap();
+        let path = dir.join("ifcfg-br0");
+        fs::write(&path, "one\n").unwrap();
+        // The names an attacker can predict: the temporary file and this second's backup.
+        let temp = dir.join(format!(".ifcfg-br0.tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &temp).unwrap();
+        let stamp = crate::layout::rfc3339_now().replace([':', '-'], "");
+        let predicted = dir.join(format!("ifcfg-br0.{}.bak", &stamp[..15]));
+        std::os::unix::fs::symlink(&victim, &predicted).unwrap();
+
+        let first = write_atomically(&path, "two\n", true).unwrap().unwrap();
+        let second = write_atomically(&path, "three\n", true).unwrap().unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
+        assert_ne!(first, second);
+        assert_eq!(fs::read_to_string(&first).unwrap(), "one\n");
+        assert_eq!(fs::read_to_string(&second).unwrap(), "two\n");
+        assert_eq!(fs::read_to_string(&path).unwrap(), "three\n");
+        assert!(fs::symlink_metadata(&temp)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
