@@ -8,6 +8,7 @@ pub mod etcd;
 pub mod ipam;
 pub mod kv;
 pub mod layout;
+pub mod logging;
 pub mod network;
 pub mod pools;
 pub mod server;
