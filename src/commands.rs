@@ -116,7 +116,9 @@ pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
                 env!("CARGO_PKG_VERSION"),
                 global.store_prefix
             );
-            let mut plugin = Plugin::new(etcd(), layout, host);
+            let etcd = etcd();
+            log_etcd(&etcd, &global.endpoints);
+            let mut plugin = Plugin::new(etcd, layout, host);
             server::serve(listener, |path, body| {
                 let answer = match body {
                     Ok(body) => plugin.handle(path, body),
@@ -132,6 +134,23 @@ pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::CreateNetwork(flags) => Ok(network::create(etcd(), &layout, &flags)?),
+    }
+}
+
+/// Says at start which etcd the server will use, and warns (it serves anyway: etcd may come
+/// up later, and Docker gets each request's error meanwhile) when no endpoint answers.
+fn log_etcd(etcd: &Client, endpoints: &[String]) {
+    let endpoints = endpoints.join(",");
+    match etcd.server_version() {
+        Ok(found) => log::info!(
+            "etcd endpoints {endpoints}: {} answers, etcd {}, API prefix {}",
+            found.endpoint,
+            found.version,
+            found.api_prefix
+        ),
+        Err(e) => log::warn!(
+            "etcd endpoints {endpoints}: none answers ({e}); serving anyway, requests fail until one does"
+        ),
     }
 }
 
