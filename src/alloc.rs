@@ -292,7 +292,11 @@ impl<K: Kv> Allocator<K> {
                 return Ok(Released::Unknown);
             };
             if let Some(owner) = Owner::from_json(&held.value) {
-                if owner.role != Role::Container || owner.host != host {
+                // The original recorded no host: whichever host's Docker releases one of its
+                // containers' addresses is the one that had it.
+                let ours =
+                    owner.role == Role::Container && (owner.host == host || owner.is_original());
+                if !ours {
                     return Ok(Released::Kept {
                         holder: owner.describe(),
                     });
@@ -316,6 +320,24 @@ impl<K: Kv> Allocator<K> {
             net: Ipv4Net::from(addr),
             attempts: MAX_ATTEMPTS,
         })
+    }
+
+    /// Replaces the record of `addr` in `assigned/` with `value` if it is unchanged since
+    /// `mod_revision`; whether it was.
+    pub fn replace_owner(
+        &mut self,
+        keys: &PoolKeys,
+        addr: Ipv4Addr,
+        mod_revision: i64,
+        value: &str,
+    ) -> Result<bool, AllocError> {
+        let key = keys.assigned(addr);
+        let txn = Txn {
+            compares: vec![Compare::ModRevision(key.clone(), mod_revision)],
+            success: vec![Op::put(key, value)],
+            failure: vec![],
+        };
+        Ok(self.kv.txn(&txn)?.succeeded)
     }
 
     /// Gives back `addr` whoever holds it (an operator's `release-ip`/`release-host`).
@@ -574,6 +596,39 @@ mod tests {
             alloc.release_container(&keys, a("192.0.2.5"), "h1"),
             Ok(Released::Unknown)
         );
+    }
+
+    #[test]
+    fn addresses_the_original_assigned_stay_taken_until_docker_releases_them() {
+        let n = net("192.0.2.0/29");
+        let (kv, keys) = pool(n);
+        let held = a("192.0.2.3");
+        kv.txn(&Txn {
+            success: vec![
+                Op::delete(keys.pool(held)),
+                Op::put(
+                    keys.assigned(held),
+                    Owner::original(Role::Container).to_json(),
+                ),
+            ],
+            ..Txn::default()
+        })
+        .unwrap();
+        let mut alloc = Allocator::new(&kv);
+        assert!(matches!(
+            alloc.take(&keys, n, held, &owner("02:42:00:00:00:01")),
+            Err(AllocError::InUse { .. })
+        ));
+        for i in 0..5 {
+            let got = alloc
+                .take_any(&keys, n, &owner(&format!("02:42:00:00:01:{i:02x}")))
+                .unwrap();
+            assert_ne!(got, held);
+        }
+        assert!(matches!(
+            alloc.release_container(&keys, held, "any-host"),
+            Ok(Released::Freed { .. })
+        ));
     }
 
     #[test]

@@ -34,6 +34,8 @@ Commands:
   host-range      add a range of host addresses and the hosts' gateway
   release-host    give a host address back to the pool
   create-network  take this host's address, create the Docker network and br0's config
+  migrate-v2      bring the original tool's pools over from etcd's v2 keyspace
+  help [COMMAND]  print this help or a command's (also: h)
 
 Global flags:
   --cluster-store URLS  etcd endpoints, comma-separated [env CLUSTER_STORE]
@@ -42,7 +44,10 @@ Global flags:
   --timeout SECONDS     time limit of each etcd request (default 3)
   --debug               log debug messages [env DEBUG=true]
   -h, --help            print help (also: COMMAND --help)
-  -V, --version         print the version
+  -v, -V, --version     print the version
+
+Flags may also be written with one dash (-cluster-store=URL, -ip-start A/N), as the
+original tool accepted them.
 ";
 
 const SERVER_HELP: &str = "\
@@ -90,12 +95,26 @@ Flags:
 ";
 
 const RELEASE_HOST_HELP: &str = "\
-Usage: oam-docker-ipam [GLOBAL FLAGS] release-host --ip A
+Usage: oam-docker-ipam [GLOBAL FLAGS] release-host --ip A[/N]
 
 Give a host address back to the host pool, whoever holds it.
 
 Flags:
-  --ip A  the host address
+  --ip A[/N]  the host address (a prefix length, if given, must be the hosts')
+";
+
+const MIGRATE_V2_HELP: &str = "\
+Usage: oam-docker-ipam [GLOBAL FLAGS] migrate-v2 [--dry-run]
+
+Read the original tool's pools from etcd's v2 keyspace (etcd 3.3 to 3.5 started
+with --enable-v2=true) and write them into the v3 keys this tool uses: configs,
+free addresses, and the addresses the original assigned (recorded as held by
+the original, so they are never handed out again until Docker releases them).
+The v2 data is never changed. Running it again changes nothing; where v3
+already holds something that disagrees, it refuses, naming each key.
+
+Flags:
+  --dry-run  print what would be written and change nothing
 ";
 
 const CREATE_NETWORK_HELP: &str = "\
@@ -116,6 +135,12 @@ Flags:
   --force            replace an existing, different ifcfg file of the bridge
   --no-restart       do not stop NetworkManager nor restart the network service
   --dry-run          print every step and change nothing
+";
+
+const HELP_HELP: &str = "\
+Usage: oam-docker-ipam help [COMMAND]
+
+Print the help, or COMMAND's help (the same as COMMAND --help). Also: h [COMMAND].
 ";
 
 /// Why the command line was refused. Exit status 2.
@@ -179,6 +204,8 @@ pub struct Global {
     pub store_prefix: String,
     pub timeout: Duration,
     pub debug: bool,
+    /// Settings that were ignored, to be logged once logging is set up.
+    pub warnings: Vec<String>,
 }
 
 /// `create-network`'s settings.
@@ -200,12 +227,66 @@ pub struct NetworkFlags {
 pub enum Command {
     Help(&'static str),
     Version,
-    Server { socket: PathBuf },
-    IpRange { range: AddrRange },
-    ReleaseIp { addr: Ipv4Addr, net: Ipv4Net },
-    HostRange { range: AddrRange, gateway: Ipv4Addr },
-    ReleaseHost { addr: Ipv4Addr },
+    Server {
+        socket: PathBuf,
+    },
+    IpRange {
+        range: AddrRange,
+    },
+    ReleaseIp {
+        addr: Ipv4Addr,
+        net: Ipv4Net,
+    },
+    HostRange {
+        range: AddrRange,
+        gateway: Ipv4Addr,
+    },
+    /// `prefix_len`: given as `A/N` (the original's spelling), checked against the hosts'.
+    ReleaseHost {
+        addr: Ipv4Addr,
+        prefix_len: Option<u8>,
+    },
     CreateNetwork(NetworkFlags),
+    MigrateV2 {
+        dry_run: bool,
+    },
+}
+
+/// Every long flag, global or a command's: the names the original's CLI library also took
+/// with a single dash.
+const LONG_FLAGS: &[&str] = &[
+    "cluster-store",
+    "store-prefix",
+    "timeout",
+    "debug",
+    "help",
+    "version",
+    "socket",
+    "ip-start",
+    "ip-end",
+    "gateway",
+    "ip",
+    "name",
+    "bridge",
+    "mtu",
+    "interface",
+    "ifcfg-dir",
+    "force",
+    "no-restart",
+    "dry-run",
+];
+
+/// `-cluster-store=URL` → `--cluster-store=URL`: the original's CLI library (urfave/cli)
+/// took long flags with one dash, and scripts written for it do so.
+fn double_dash(arg: OsString) -> OsString {
+    let Some(text) = arg.to_str() else {
+        return arg;
+    };
+    let name = text.strip_prefix('-').filter(|rest| !rest.starts_with('-'));
+    match name.map(|n| n.split('=').next().unwrap_or(n)) {
+        Some(name) if name.len() > 1 && LONG_FLAGS.contains(&name) => format!("-{text}").into(),
+        _ => arg,
+    }
 }
 
 /// Reads the environment variables that stand in for global flags.
@@ -223,11 +304,19 @@ pub fn parse(
     args: impl IntoIterator<Item = OsString>,
     env: (Option<String>, Option<String>),
 ) -> Result<(Global, Command), UsageError> {
-    let mut parser = lexopt::Parser::from_args(args);
+    let mut parser = lexopt::Parser::from_args(args.into_iter().map(double_dash));
     let (env_store, env_debug) = env;
     let mut store = env_store.unwrap_or_else(|| DEFAULT_CLUSTER_STORE.into());
-    let mut debug = match env_debug {
-        Some(v) => parse_bool("DEBUG", &v)?,
+    let mut warnings = Vec::new();
+    // An environment variable set for something else must not break every command.
+    let mut debug = match env_debug.map(|v| (parse_bool("DEBUG", &v), v)) {
+        Some((Ok(on), _)) => on,
+        Some((Err(_), v)) => {
+            warnings.push(format!(
+                "ignoring DEBUG={v:?} from the environment: expected true or false"
+            ));
+            false
+        }
         None => false,
     };
     let mut store_prefix = DEFAULT_STORE_PREFIX.to_string();
@@ -249,17 +338,23 @@ pub fn parse(
                 }
             }
             Some(Short('h') | Long("help")) => return Ok((global_defaults(), Command::Help(HELP))),
-            Some(Short('V') | Long("version")) => return Ok((global_defaults(), Command::Version)),
+            Some(Short('V' | 'v') | Long("version")) => {
+                return Ok((global_defaults(), Command::Version))
+            }
             Some(Value(name)) => break text(name, "command")?,
             Some(other) => return Err(other.unexpected().into()),
             None => return Err(UsageError::NoCommand),
         }
     };
+    if command == "help" || command == "h" {
+        return Ok((global_defaults(), parse_help(&mut parser)?));
+    }
     let global = Global {
         endpoints: parse_endpoints(&store)?,
         store_prefix: parse_prefix(&store_prefix)?,
         timeout: Duration::from_secs_f64(timeout),
         debug,
+        warnings,
     };
     let command = match command.as_str() {
         "server" => parse_server(&mut parser)?,
@@ -268,10 +363,37 @@ pub fn parse(
         "host-range" => parse_host_range(&mut parser)?,
         "release-host" => parse_release_host(&mut parser)?,
         "create-network" => parse_create_network(&mut parser)?,
-        "help" => Command::Help(HELP),
+        "migrate-v2" => parse_migrate_v2(&mut parser)?,
         _ => return Err(UsageError::UnknownCommand(command)),
     };
     Ok((global, command))
+}
+
+/// `help [COMMAND]` (or `h`), as the original's CLI library had it.
+fn parse_help(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
+    let Some(arg) = parser.next()? else {
+        return Ok(Command::Help(HELP));
+    };
+    let name = match arg {
+        Value(name) => text(name, "command")?,
+        Short('h') | Long("help") => return Ok(Command::Help(HELP_HELP)),
+        other => return Err(other.unexpected().into()),
+    };
+    if let Some(extra) = parser.next()? {
+        return Err(extra.unexpected().into());
+    }
+    let help = match name.as_str() {
+        "server" => SERVER_HELP,
+        "ip-range" => IP_RANGE_HELP,
+        "release-ip" => RELEASE_IP_HELP,
+        "host-range" => HOST_RANGE_HELP,
+        "release-host" => RELEASE_HOST_HELP,
+        "create-network" => CREATE_NETWORK_HELP,
+        "migrate-v2" => MIGRATE_V2_HELP,
+        "help" | "h" => HELP_HELP,
+        _ => return Err(UsageError::UnknownCommand(name)),
+    };
+    Ok(Command::Help(help))
 }
 
 fn global_defaults() -> Global {
@@ -280,6 +402,7 @@ fn global_defaults() -> Global {
         store_prefix: DEFAULT_STORE_PREFIX.into(),
         timeout: Duration::from_secs_f64(DEFAULT_TIMEOUT_SECS),
         debug: false,
+        warnings: Vec::new(),
     }
 }
 
@@ -325,15 +448,29 @@ pub fn parse_endpoints(list: &str) -> Result<Vec<String>, UsageError> {
         let rest = part
             .strip_prefix("http://")
             .or_else(|| part.strip_prefix("https://"));
-        let host_ok = rest.is_some_and(|r| {
-            let host = r.split('/').next().unwrap_or_default();
-            !host.is_empty() && !host.contains(char::is_whitespace)
-        });
-        if !host_ok {
+        let authority = rest.map(|r| r.split('/').next().unwrap_or_default());
+        if let Some((_, host)) = authority.and_then(|a| a.rsplit_once('@')) {
+            // Never echo the credentials: they would land in logs and terminals.
+            let scheme = if part.starts_with("https") {
+                "https"
+            } else {
+                "http"
+            };
+            return Err(UsageError::Invalid {
+                flag: "--cluster-store",
+                value: format!("{scheme}://…@{host}"),
+                reason: "credentials do not belong in the URL (they would show in logs, \
+                         Docker's errors and process lists); remove 'user:password@'"
+                    .into(),
+            });
+        }
+        if !authority.is_some_and(authority_ok) {
             return Err(UsageError::Invalid {
                 flag: "--cluster-store",
                 value: part.into(),
-                reason: "expected http://HOST:PORT or https://HOST:PORT".into(),
+                reason: "expected http://HOST:PORT or https://HOST:PORT with a port from 1 \
+                         to 65535"
+                    .into(),
             });
         }
         endpoints.push(part.trim_end_matches('/').to_string());
@@ -346,6 +483,22 @@ pub fn parse_endpoints(list: &str) -> Result<Vec<String>, UsageError> {
         });
     }
     Ok(endpoints)
+}
+
+/// `HOST`, `HOST:PORT` or `[V6]:PORT`, the port (if any) a number from 1 to 65535.
+fn authority_ok(authority: &str) -> bool {
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((host, rest)) => (host, rest.strip_prefix(':').map(Some).unwrap_or(None)),
+            None => return false,
+        },
+        None => match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    let port_ok = port.map_or(true, |p| p.parse::<u16>().is_ok_and(|p| p > 0));
+    !host.is_empty() && !host.contains(char::is_whitespace) && port_ok
 }
 
 fn parse_prefix(prefix: &str) -> Result<String, UsageError> {
@@ -489,11 +642,25 @@ fn parse_release_host(parser: &mut lexopt::Parser) -> Result<Command, UsageError
     if flags.help {
         return Ok(Command::Help(RELEASE_HOST_HELP));
     }
-    let addr = addr_flag(
-        "--ip",
-        addr::parse_addr(flags.need("release-host", "--ip")?),
-    )?;
-    Ok(Command::ReleaseHost { addr })
+    let ip = flags.need("release-host", "--ip")?;
+    // The original took the host address with its prefix length, like release-ip.
+    let (addr, prefix_len) = if ip.contains('/') {
+        let cidr = addr_flag("--ip", addr::parse_cidr(ip))?;
+        (cidr.addr(), Some(cidr.prefix_len()))
+    } else {
+        (addr_flag("--ip", addr::parse_addr(ip))?, None)
+    };
+    Ok(Command::ReleaseHost { addr, prefix_len })
+}
+
+fn parse_migrate_v2(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
+    let flags = CommandFlags::read(parser, &[], &["--dry-run"])?;
+    if flags.help {
+        return Ok(Command::Help(MIGRATE_V2_HELP));
+    }
+    Ok(Command::MigrateV2 {
+        dry_run: flags.switch("--dry-run"),
+    })
 }
 
 /// Interface and bridge names as the kernel takes them: 1 to 15 bytes, no `/`, space or `:`.
@@ -654,6 +821,10 @@ mod tests {
             &["release-ip", "--ip", "192.0.2.0/24"],
             &["release-host", "--ip", "fe80::1"],
             &["--cluster-store", "127.0.0.1:2379", "server"],
+            &["--cluster-store", "http://127.0.0.1:abc", "server"],
+            &["--cluster-store", "http://127.0.0.1:99999", "server"],
+            &["--cluster-store", "http://127.0.0.1:0", "server"],
+            &["--cluster-store", "http://[::1", "server"],
             &["--timeout", "0", "server"],
             &["--store-prefix", "talkingdata", "server"],
             &["create-network", "--mtu", "9"],
@@ -664,6 +835,80 @@ mod tests {
             let err = run(args).expect_err(&format!("{args:?} was accepted"));
             assert!(!err.to_string().contains('\n'), "{err}");
         }
+    }
+
+    #[test]
+    fn reads_the_original_cli_librarys_spellings() {
+        let (g, c) = run(&[
+            "-cluster-store=http://192.0.2.53:2379",
+            "-debug",
+            "ip-range",
+            "-ip-start",
+            "192.0.2.100/24",
+            "-ip-end=192.0.2.200/24",
+        ])
+        .unwrap();
+        assert_eq!(g.endpoints, ["http://192.0.2.53:2379"]);
+        assert!(g.debug);
+        assert!(matches!(c, Command::IpRange { .. }));
+        assert_eq!(run(&["-v"]).unwrap().1, Command::Version);
+        assert_eq!(run(&["-version"]).unwrap().1, Command::Version);
+        assert_eq!(run(&["h"]).unwrap().1, Command::Help(HELP));
+        assert_eq!(
+            run(&["help", "ip-range"]).unwrap().1,
+            Command::Help(IP_RANGE_HELP)
+        );
+        assert_eq!(
+            run(&["h", "migrate-v2"]).unwrap().1,
+            Command::Help(MIGRATE_V2_HELP)
+        );
+        assert!(run(&["help", "frobnicate"]).is_err());
+        assert_eq!(
+            run(&["release-host", "-ip", "192.0.2.54/24"]).unwrap().1,
+            Command::ReleaseHost {
+                addr: "192.0.2.54".parse().unwrap(),
+                prefix_len: Some(24)
+            }
+        );
+        assert_eq!(
+            run(&["migrate-v2", "-dry-run"]).unwrap().1,
+            Command::MigrateV2 { dry_run: true }
+        );
+        // A short flag cluster that happens to spell nothing known stays as lexopt reads it.
+        assert!(run(&["-xyz", "server"]).is_err());
+    }
+
+    #[test]
+    fn an_unreadable_debug_in_the_environment_is_a_warning() {
+        let (g, c) = parse(["server".into()], (None, Some("verbose".into()))).unwrap();
+        assert!(!g.debug);
+        assert_eq!(
+            g.warnings,
+            ["ignoring DEBUG=\"verbose\" from the environment: expected true or false"]
+        );
+        assert!(matches!(c, Command::Server { .. }));
+        assert!(run(&["--debug=verbose", "server"]).is_err());
+    }
+
+    #[test]
+    fn credentials_in_endpoint_urls_are_refused_and_never_echoed() {
+        let err = run(&[
+            "--cluster-store",
+            "http://root:s3cret@127.0.0.1:2379",
+            "server",
+        ])
+        .expect_err("accepted a URL with credentials");
+        let said = err.to_string();
+        assert!(!said.contains("s3cret") && !said.contains("root"), "{said}");
+        assert!(
+            said.contains("credentials do not belong in the URL"),
+            "{said}"
+        );
+        let ok = parse_endpoints("https://[::1]:2379,http://etcd1:2379/,http://etcd2").unwrap();
+        assert_eq!(
+            ok,
+            ["https://[::1]:2379", "http://etcd1:2379", "http://etcd2"]
+        );
     }
 
     #[test]

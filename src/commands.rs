@@ -7,8 +7,11 @@ use std::io::{IsTerminal, Write};
 use crate::alloc::{AllocError, Allocator, Released};
 use crate::cli::{Command, Global};
 use crate::etcd::Client;
+use crate::etcd::V2Tree;
 use crate::ipam::{self, Plugin};
-use crate::layout::Layout;
+use crate::kv::{Kv, Range, StoreError};
+use crate::layout::{ContainerConfig, HostsConfig, Layout};
+use crate::migrate::{self, MigrateError};
 use crate::network::{self, NetworkError};
 use crate::pools::{self, PoolError};
 use crate::server::{self, BodyError, Reply, ServerError};
@@ -22,6 +25,15 @@ pub enum Failure {
     Network(NetworkError),
     /// An address to release is not in the pool at all.
     NotInPool(String),
+    /// An address was given with a prefix length other than its pool's.
+    WrongMask {
+        given: String,
+        pool: String,
+    },
+    Migrate(MigrateError),
+    /// etcd does not serve the v2 API that `migrate-v2` reads.
+    V2NotServed,
+    Store(StoreError),
 }
 
 impl fmt::Display for Failure {
@@ -32,6 +44,16 @@ impl fmt::Display for Failure {
             Failure::Server(e) => write!(f, "{e}"),
             Failure::Network(e) => write!(f, "{e}"),
             Failure::NotInPool(what) => write!(f, "{what}"),
+            Failure::WrongMask { given, pool } => {
+                write!(f, "{given} does not match {pool}; nothing changed")
+            }
+            Failure::Migrate(e) => write!(f, "{e}"),
+            Failure::V2NotServed => write!(
+                f,
+                "etcd does not serve its v2 API, where the original kept its pools: start it \
+                 with --enable-v2=true (etcd 3.3 to 3.5) and run migrate-v2 again"
+            ),
+            Failure::Store(e) => write!(f, "{e}"),
         }
     }
 }
@@ -56,6 +78,18 @@ impl From<ServerError> for Failure {
     }
 }
 
+impl From<MigrateError> for Failure {
+    fn from(e: MigrateError) -> Failure {
+        Failure::Migrate(e)
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Failure {
+        Failure::Store(e)
+    }
+}
+
 impl From<NetworkError> for Failure {
     fn from(e: NetworkError) -> Failure {
         Failure::Network(e)
@@ -63,6 +97,9 @@ impl From<NetworkError> for Failure {
 }
 
 pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
+    for warning in &global.warnings {
+        log::warn!("{warning}");
+    }
     let etcd = || Client::new(global.endpoints.clone(), global.timeout);
     let layout = Layout::new(&global.store_prefix);
     match command {
@@ -93,21 +130,44 @@ pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::ReleaseIp { addr, net } => {
+            let etcd = etcd();
+            let config = stored(&etcd, &layout.container_config(net.network()))?;
+            if let Some(pool) = config.as_deref().and_then(ContainerConfig::parse) {
+                if pool != net {
+                    return Err(Failure::WrongMask {
+                        given: format!("{addr}/{}", net.prefix_len()),
+                        pool: format!("the container pool {pool}"),
+                    });
+                }
+            }
             let keys = layout.containers(net.network());
             report_release(
-                Allocator::new(etcd()).release_any(&keys, addr)?,
+                Allocator::new(etcd).release_any(&keys, addr)?,
                 addr,
                 &format!("the container pool {net}"),
             )
         }
-        Command::ReleaseHost { addr } => {
+        Command::ReleaseHost { addr, prefix_len } => {
+            let etcd = etcd();
+            if let Some(len) = prefix_len {
+                let config = stored(&etcd, &layout.hosts_config())?;
+                if let Some((subnet, _)) = config.as_deref().and_then(HostsConfig::parse) {
+                    if subnet.prefix_len() != len || !subnet.contains(&addr) {
+                        return Err(Failure::WrongMask {
+                            given: format!("{addr}/{len}"),
+                            pool: format!("the hosts' subnet {subnet}"),
+                        });
+                    }
+                }
+            }
             let keys = layout.hosts();
             report_release(
-                Allocator::new(etcd()).release_any(&keys, addr)?,
+                Allocator::new(etcd).release_any(&keys, addr)?,
                 addr,
                 "the host pool",
             )
         }
+        Command::MigrateV2 { dry_run } => migrate_v2(&etcd(), &layout, dry_run),
         Command::Server { socket } => {
             let host = crate::layout::host_name();
             let listener = server::listen(&socket)?;
@@ -152,6 +212,79 @@ fn log_etcd(etcd: &Client, endpoints: &[String]) {
             "etcd endpoints {endpoints}: none answers ({e}); serving anyway, requests fail until one does"
         ),
     }
+}
+
+/// The value stored at `key`, if any.
+fn stored<K: Kv>(kv: &K, key: &str) -> Result<Option<String>, Failure> {
+    Ok(kv
+        .range(&Range::key(key))?
+        .into_iter()
+        .next()
+        .map(|kv| kv.value))
+}
+
+/// `migrate-v2`: reads the original's v2 keys, says what it will write (or why it refuses),
+/// writes unless `dry_run`, and reports what v3 holds afterwards.
+fn migrate_v2(etcd: &Client, layout: &Layout, dry_run: bool) -> Result<(), Failure> {
+    let (index, keys) = match etcd.v2_tree(layout.prefix()).map_err(StoreError::from)? {
+        V2Tree::NotServed => return Err(Failure::V2NotServed),
+        V2Tree::Missing => {
+            println!(
+                "etcd v2 holds nothing under {}: nothing to migrate",
+                layout.prefix()
+            );
+            return Ok(());
+        }
+        V2Tree::Keys { index, keys } => (index, keys),
+    };
+    let plan = migrate::plan(etcd, layout, &keys, index)?;
+    for key in &plan.ignored {
+        println!("not migrated (not the original's layout): {key}");
+    }
+    for note in &plan.notes {
+        println!("note: {note}");
+    }
+    for pool in &plan.pools {
+        println!(
+            "{}: {} free and {} assigned to write, {} already in etcd v3, {} unchanged in v2 \
+             since the last migration",
+            pool.label,
+            pool.write_free.len(),
+            pool.write_assigned.len(),
+            pool.already,
+            pool.carried
+        );
+    }
+    for problem in &plan.problems {
+        println!("disagrees: {problem}");
+    }
+    if !plan.problems.is_empty() {
+        return Err(MigrateError::Refused {
+            problems: plan.problems.len(),
+        }
+        .into());
+    }
+    if dry_run {
+        println!("dry run: nothing written");
+        return Ok(());
+    }
+    if plan.is_empty() {
+        println!(
+            "nothing to migrate: etcd v3 holds the original's data already (v2 index {index})"
+        );
+    }
+    let written = migrate::apply(etcd, &plan)?;
+    if !plan.is_empty() {
+        println!(
+            "wrote {} config(s), {} free and {} assigned address(es) (held by the original \
+             until Docker releases them); {} were in etcd v3 already",
+            written.configs, written.free, written.assigned, written.already
+        );
+    }
+    for (label, free, assigned) in migrate::counts(etcd, &plan)? {
+        println!("checked {label} in etcd v3: {free} free, {assigned} assigned");
+    }
+    Ok(())
 }
 
 fn report_release(released: Released, addr: std::net::Ipv4Addr, pool: &str) -> Result<(), Failure> {

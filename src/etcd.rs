@@ -30,6 +30,8 @@ pub enum Error {
     },
     /// An endpoint answered with something that is not etcd's JSON.
     BadAnswer { endpoint: String, reason: String },
+    /// The server is etcd 2.x, which has no v3 API.
+    V2Only { endpoint: String, version: String },
 }
 
 impl fmt::Display for Error {
@@ -50,6 +52,13 @@ impl fmt::Display for Error {
             Error::BadAnswer { endpoint, reason } => {
                 write!(f, "{endpoint} gave an answer that is not etcd's: {reason}")
             }
+            Error::V2Only { endpoint, version } => write!(
+                f,
+                "{endpoint} is etcd {version}, which serves only the v2 API: this tool needs \
+                 etcd 3.2 or later (its v3 API); upgrade etcd to 3.3-3.5, start it with \
+                 --enable-v2=true and run 'oam-docker-ipam migrate-v2' to bring the original's \
+                 pools over"
+            ),
         }
     }
 }
@@ -128,24 +137,95 @@ impl Client {
     /// POSTs `body` to `<endpoint><prefix><path>` on the first endpoint that answers.
     fn call(&self, path: &str, body: &Value) -> Result<Value, Error> {
         let body = body.to_string();
+        self.on_any_endpoint(path, |endpoint| self.call_one(endpoint, path, &body))
+    }
+
+    /// Runs `attempt` on each endpoint in turn, from the one that answered last, until one
+    /// gives a final answer.
+    fn on_any_endpoint<T>(
+        &self,
+        what: &str,
+        attempt: impl Fn(&str) -> Result<T, Attempt>,
+    ) -> Result<T, Error> {
         let first = self.preferred.load(Ordering::Relaxed);
         let mut tries = Vec::new();
         for i in 0..self.endpoints.len() {
             let index = (first + i) % self.endpoints.len();
             let endpoint = &self.endpoints[index];
-            match self.call_one(endpoint, path, &body) {
+            match attempt(endpoint) {
                 Ok(answer) => {
                     self.preferred.store(index, Ordering::Relaxed);
                     return Ok(answer);
                 }
                 Err(Attempt::Retry(why)) => {
-                    log::debug!("etcd {endpoint}{path}: {why}; trying the next endpoint");
+                    log::debug!("etcd {endpoint}{what}: {why}; trying the next endpoint");
                     tries.push((endpoint.clone(), why));
                 }
                 Err(Attempt::Fail(e)) => return Err(e),
             }
         }
         Err(Error::Unreachable(tries))
+    }
+
+    /// Every key under `prefix` in etcd's v2 keyspace (where the original tool wrote), read
+    /// with `GET /v2/keys<prefix>?recursive=true`. `mod_revision` holds v2's `modifiedIndex`.
+    pub fn v2_tree(&self, prefix: &str) -> Result<V2Tree, Error> {
+        let path = format!("/v2/keys{prefix}?recursive=true&sorted=true");
+        self.on_any_endpoint(&path, |endpoint| self.v2_get(endpoint, &path))
+    }
+
+    fn v2_get(&self, endpoint: &str, path: &str) -> Result<V2Tree, Attempt> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let mut answer = self
+            .agent
+            .get(&format!("{endpoint}{path}"))
+            .call()
+            .map_err(transport_reason)?;
+        let status = answer.status().as_u16();
+        let index = answer
+            .headers()
+            .get("X-Etcd-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<i64>().ok());
+        let bytes = answer
+            .body_mut()
+            .with_config()
+            .limit(MAX_ANSWER_BYTES)
+            .read_to_vec()
+            .map_err(transport_reason)?;
+        let bad = |reason: String| {
+            Attempt::Fail(Error::BadAnswer {
+                endpoint: endpoint.into(),
+                reason,
+            })
+        };
+        let json: Option<Value> = serde_json::from_slice(&bytes).ok();
+        match (status, json) {
+            (200, Some(json)) => {
+                let mut keys = Vec::new();
+                flatten_v2(&json["node"], &mut keys);
+                let index =
+                    index.unwrap_or_else(|| keys.iter().map(|k| k.mod_revision).max().unwrap_or(0));
+                Ok(V2Tree::Keys { index, keys })
+            }
+            (200, None) => Err(bad(format!(
+                "{path} answered {:?}",
+                String::from_utf8_lossy(&bytes)
+            ))),
+            // etcd's "Key not found" is JSON with errorCode 100.
+            (404, Some(json)) if json["errorCode"].as_i64() == Some(100) => Ok(V2Tree::Missing),
+            // An etcd 3.4+ started without --enable-v2 has no such route at all.
+            (404, _) => Ok(V2Tree::NotServed),
+            (503, _) => Err(Attempt::Retry(format!(
+                "unavailable: {}",
+                error_message(&bytes)
+            ))),
+            (status, _) => Err(Attempt::Fail(Error::Refused {
+                endpoint: endpoint.into(),
+                status,
+                message: error_message(&bytes),
+            })),
+        }
     }
 
     fn call_one(&self, endpoint: &str, path: &str, body: &str) -> Result<Value, Attempt> {
@@ -232,11 +312,52 @@ impl Client {
                 reason: format!("/version answered {text:?}"),
             })
         })?;
-        Ok(version["etcdserver"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string())
+        let server = version["etcdserver"].as_str().unwrap_or_default();
+        if !serves_v3(server) {
+            return Err(Attempt::Fail(Error::V2Only {
+                endpoint: endpoint.into(),
+                version: server.into(),
+            }));
+        }
+        Ok(server.to_string())
     }
+}
+
+/// What etcd's v2 keyspace holds under a prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum V2Tree {
+    /// The server does not serve the v2 API (etcd 3.4+ without `--enable-v2`, or 3.6+).
+    NotServed,
+    /// Nothing under the prefix.
+    Missing,
+    /// The leaf keys under the prefix (the prefix itself if it is a leaf), in key order, and
+    /// the v2 store's index when they were read.
+    Keys { index: i64, keys: Vec<KeyValue> },
+}
+
+/// Collects the leaves of a v2 node (`{"key","value","dir","nodes","modifiedIndex"}`).
+fn flatten_v2(node: &Value, out: &mut Vec<KeyValue>) {
+    if node["dir"].as_bool() == Some(true) {
+        for child in node["nodes"].as_array().into_iter().flatten() {
+            flatten_v2(child, out);
+        }
+    } else if let Some(key) = node["key"].as_str() {
+        out.push(KeyValue {
+            key: key.to_string(),
+            value: node["value"].as_str().unwrap_or_default().to_string(),
+            mod_revision: node["modifiedIndex"].as_i64().unwrap_or(0),
+        });
+    }
+}
+
+/// Whether an etcd server of this version has the v3 API (2.x has only v2). An unreadable
+/// version is given the benefit of the doubt: the v3 call itself will tell.
+fn serves_v3(version: &str) -> bool {
+    let major = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse::<u32>().ok());
+    !major.is_some_and(|m| m < 3)
 }
 
 /// Which gateway prefix an etcd server of this version serves.
@@ -439,6 +560,10 @@ impl Kv for Client {
         Ok(Client::range(self, range)?)
     }
 
+    fn original_has(&self, prefix: &str) -> Result<bool, StoreError> {
+        Ok(matches!(self.v2_tree(prefix)?, V2Tree::Keys { keys, .. } if !keys.is_empty()))
+    }
+
     fn txn(&self, txn: &Txn) -> Result<TxnOutcome, StoreError> {
         Ok(Client::txn(self, txn)?)
     }
@@ -455,6 +580,8 @@ mod tests {
         assert_eq!(gateway_prefix("3.4.23"), "/v3");
         assert_eq!(gateway_prefix("3.5.9"), "/v3");
         assert_eq!(gateway_prefix(""), "/v3");
+        assert!(!serves_v3("2.3.8"));
+        assert!(serves_v3("3.3.11") && serves_v3("3.4.23") && serves_v3(""));
     }
 
     #[test]
@@ -466,6 +593,43 @@ mod tests {
             "d"
         );
         assert_eq!(error_message(b"plain"), "plain");
+    }
+
+    #[test]
+    fn reads_the_leaves_of_a_v2_tree() {
+        // The shape of the original's dump (shared/fixtures/original/v2-keys.json), shortened.
+        let dump = r#"{"action":"get","node":{"key":"/t","dir":true,"nodes":[
+            {"key":"/t/hosts","dir":true,"nodes":[
+                {"key":"/t/hosts/assigned","dir":true,"nodes":[
+                    {"key":"/t/hosts/assigned/192.0.2.54","value":"","modifiedIndex":55}]},
+                {"key":"/t/hosts/config","value":"{\"Subnet\":\"192.0.2.0/24\"}","modifiedIndex":14}]},
+            {"key":"/t/empty","dir":true}]}}"#;
+        let json: Value = serde_json::from_str(dump).unwrap();
+        let mut keys = Vec::new();
+        flatten_v2(&json["node"], &mut keys);
+        let got: Vec<(&str, &str, i64)> = keys
+            .iter()
+            .map(|k| (k.key.as_str(), k.value.as_str(), k.mod_revision))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/t/hosts/assigned/192.0.2.54", "", 55),
+                ("/t/hosts/config", r#"{"Subnet":"192.0.2.0/24"}"#, 14)
+            ]
+        );
+        let leaf: Value =
+            serde_json::from_str(r#"{"key":"/a","value":"v","modifiedIndex":3}"#).unwrap();
+        let mut one = Vec::new();
+        flatten_v2(&leaf, &mut one);
+        assert_eq!(
+            one,
+            vec![KeyValue {
+                key: "/a".into(),
+                value: "v".into(),
+                mod_revision: 3
+            }]
+        );
     }
 
     #[test]

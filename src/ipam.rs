@@ -176,6 +176,16 @@ impl<K: Kv> Plugin<K> {
         let key = self.layout.container_config(id);
         let stored = self.alloc.kv().range(&Range::key(&key))?;
         let Some(stored) = stored.first() else {
+            let dir = self.layout.container_dir(id);
+            if self.alloc.kv().original_has(&dir)? {
+                return Err(Refusal(
+                    404,
+                    format!(
+                        "the original's etcd v2 data defines this network ({dir}): run \
+                         'oam-docker-ipam migrate-v2'"
+                    ),
+                ));
+            }
             return Err(Refusal(
                 404,
                 format!(
@@ -232,7 +242,7 @@ impl<K: Kv> Plugin<K> {
         let options = request.options.unwrap_or_default();
         let role = if options.get(REQUEST_ADDRESS_TYPE).map(String::as_str) == Some(GATEWAY_TYPE) {
             Role::Gateway
-        } else if options.is_empty() {
+        } else if options.is_empty() && wanted.is_some() {
             // Docker names aux addresses with no options at all.
             Role::Aux
         } else {
@@ -263,7 +273,15 @@ impl<K: Kv> Plugin<K> {
             return Ok(answer(addr));
         }
 
-        if !mac.is_empty() && !is_mac(mac) {
+        // The MAC tells two containers of one host apart: without it, a retry by one and a
+        // request by another for the same --ip could not be told apart.
+        if mac.is_empty() {
+            return Err(bad_request(format!(
+                "a container request must carry its MAC address ({MAC_OPTION}), which Docker \
+                 sends because GetCapabilities requires it"
+            )));
+        }
+        if !is_mac(mac) {
             return Err(bad_request(format!("{mac:?} is not a MAC address")));
         }
         let owner = Owner::new(Role::Container, &self.host, &mac.to_ascii_lowercase());
@@ -327,11 +345,13 @@ mod tests {
             r#"{"Ipnet":"192.0.2.0","Mask":"24"}"#,
         )];
         ops.extend(net.hosts().map(|a| Op::put(keys.pool(a), "")));
-        kv.txn(&Txn {
-            success: ops,
-            ..Txn::default()
-        })
-        .unwrap();
+        for chunk in ops.chunks(crate::kv::MAX_TXN_OPS) {
+            kv.txn(&Txn {
+                success: chunk.to_vec(),
+                ..Txn::default()
+            })
+            .unwrap();
+        }
         Plugin::new(kv, layout, "h1".into())
     }
 
@@ -434,6 +454,17 @@ mod tests {
                 r#"{"PoolID":"192.0.2.0","Address":"","Options":{"com.docker.network.endpoint.macaddress":"zz"}}"#,
                 400,
             ),
+            // No MAC: two such requests for one --ip could not be told apart.
+            (
+                "/IpamDriver.RequestAddress",
+                r#"{"PoolID":"192.0.2.0","Address":"192.0.2.50","Options":{"other":"x"}}"#,
+                400,
+            ),
+            (
+                "/IpamDriver.RequestAddress",
+                r#"{"PoolID":"192.0.2.0","Address":""}"#,
+                400,
+            ),
         ];
         for (path, body, status) in cases {
             let (s, answer) = call(&mut p, path, body);
@@ -441,5 +472,25 @@ mod tests {
             assert!(answer["Err"].as_str().is_some_and(|e| !e.is_empty()));
         }
         assert_eq!(call(&mut p, "/IpamDriver.GetCapabilities", "").0, 200);
+    }
+
+    #[test]
+    fn a_pool_only_the_original_defined_needs_migrating() {
+        let kv = MemKv::new();
+        let mut p = plugin(&kv);
+        kv.original
+            .borrow_mut()
+            .push("/t/containers/198.51.100.0/config".into());
+        let (s, answer) = call(
+            &mut p,
+            "/IpamDriver.RequestPool",
+            r#"{"Pool":"198.51.100.0/24"}"#,
+        );
+        assert_eq!(s, 404);
+        assert_eq!(
+            answer["Err"],
+            "the original's etcd v2 data defines this network (/t/containers/198.51.100.0): \
+             run 'oam-docker-ipam migrate-v2'"
+        );
     }
 }

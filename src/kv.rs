@@ -165,6 +165,12 @@ impl std::error::Error for StoreError {}
 pub trait Kv {
     fn range(&self, range: &Range) -> Result<Vec<KeyValue>, StoreError>;
     fn txn(&self, txn: &Txn) -> Result<TxnOutcome, StoreError>;
+
+    /// Whether the original tool's keyspace (etcd v2) holds anything under `prefix`, so that
+    /// a pool it defined is not defined again blindly. A store without one says no.
+    fn original_has(&self, _prefix: &str) -> Result<bool, StoreError> {
+        Ok(false)
+    }
 }
 
 impl<K: Kv + ?Sized> Kv for &K {
@@ -173,6 +179,9 @@ impl<K: Kv + ?Sized> Kv for &K {
     }
     fn txn(&self, txn: &Txn) -> Result<TxnOutcome, StoreError> {
         (**self).txn(txn)
+    }
+    fn original_has(&self, prefix: &str) -> Result<bool, StoreError> {
+        (**self).original_has(prefix)
     }
 }
 
@@ -190,6 +199,8 @@ pub mod memory {
         revision: Cell<i64>,
         /// How many calls were made: the unit tests count round trips.
         pub calls: Cell<u64>,
+        /// Keys of the original tool's v2 keyspace.
+        pub original: RefCell<Vec<String>>,
     }
 
     impl MemKv {
@@ -249,8 +260,19 @@ pub mod memory {
             Ok(self.read(range))
         }
 
+        fn original_has(&self, prefix: &str) -> Result<bool, StoreError> {
+            Ok(self.original.borrow().iter().any(|k| k.starts_with(prefix)))
+        }
+
         fn txn(&self, txn: &Txn) -> Result<TxnOutcome, StoreError> {
             self.calls.set(self.calls.get() + 1);
+            // etcd refuses the whole request, as here, when any list is over its limit.
+            let longest = [txn.compares.len(), txn.success.len(), txn.failure.len()];
+            if longest.iter().any(|n| *n > MAX_TXN_OPS) {
+                return Err(StoreError::Failed(
+                    "etcdserver: too many operations in txn request".into(),
+                ));
+            }
             let succeeded = txn.compares.iter().all(|c| self.holds(c));
             let ops = if succeeded {
                 &txn.success
@@ -308,5 +330,21 @@ mod tests {
         let again = kv.txn(&put).unwrap();
         assert!(!again.succeeded);
         assert_eq!(again.range(0)[0].value, "v");
+    }
+
+    #[test]
+    fn memory_txn_enforces_etcds_operation_limit() {
+        let kv = MemKv::new();
+        let puts = |n: usize| Txn {
+            success: (0..n).map(|i| Op::put(format!("k{i}"), "")).collect(),
+            ..Txn::default()
+        };
+        assert!(kv.txn(&puts(MAX_TXN_OPS)).is_ok());
+        assert_eq!(
+            kv.txn(&puts(MAX_TXN_OPS + 1)),
+            Err(StoreError::Failed(
+                "etcdserver: too many operations in txn request".into()
+            ))
+        );
     }
 }

@@ -33,6 +33,45 @@ impl Layout {
         format!("{}/hosts/config", self.prefix)
     }
 
+    /// Everything of the hosts' pool: its config and both directories.
+    pub fn hosts_dir(&self) -> String {
+        format!("{}/hosts", self.prefix)
+    }
+
+    /// Everything of the container network whose network address is `net`.
+    pub fn container_dir(&self, net: Ipv4Addr) -> String {
+        format!("{}/containers/{net}", self.prefix)
+    }
+
+    /// Where `migrate-v2` records the etcd v2 index it brought over (this tool's own key; the
+    /// original has none).
+    pub fn migrated_v2(&self) -> String {
+        format!("{}/migrated-v2", self.prefix)
+    }
+
+    /// The key prefix of this installation, without a trailing slash.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// What a key under the prefix is in the original's layout, if anything.
+    pub fn classify(&self, key: &str) -> Option<KeyKind> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix('/')?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let addr = |text: &str| text.parse::<Ipv4Addr>().ok();
+        match parts.as_slice() {
+            ["hosts", "config"] => Some(KeyKind::HostsConfig),
+            ["hosts", "pool", a] => Some(KeyKind::Free(None, addr(a)?)),
+            ["hosts", "assigned", a] => Some(KeyKind::Assigned(None, addr(a)?)),
+            ["containers", net, "config"] => Some(KeyKind::ContainerConfig(addr(net)?)),
+            ["containers", net, "pool", a] => Some(KeyKind::Free(Some(addr(net)?), addr(a)?)),
+            ["containers", net, "assigned", a] => {
+                Some(KeyKind::Assigned(Some(addr(net)?), addr(a)?))
+            }
+            _ => None,
+        }
+    }
+
     /// The host address pool.
     pub fn hosts(&self) -> PoolKeys {
         PoolKeys::under(&format!("{}/hosts", self.prefix))
@@ -47,6 +86,18 @@ impl Layout {
     pub fn containers(&self, net: Ipv4Addr) -> PoolKeys {
         PoolKeys::under(&format!("{}/containers/{net}", self.prefix))
     }
+}
+
+/// What a key of the layout is. A pool is the hosts' (`None`) or a container network's
+/// (`Some(network address)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    HostsConfig,
+    ContainerConfig(Ipv4Addr),
+    /// A free address of a pool.
+    Free(Option<Ipv4Addr>, Ipv4Addr),
+    /// An address of a pool in use.
+    Assigned(Option<Ipv4Addr>, Ipv4Addr),
 }
 
 /// The two directories of one pool: free addresses and addresses in use.
@@ -158,6 +209,24 @@ impl Role {
     }
 }
 
+/// Who wrote an owner record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecordedBy {
+    /// This tool, when it took the address: the record names the holder.
+    #[default]
+    #[serde(rename = "oam-docker-ipam")]
+    ThisTool,
+    /// `migrate-v2`, for an address the original tool had assigned: it recorded no holder.
+    #[serde(rename = "original")]
+    Original,
+}
+
+impl RecordedBy {
+    fn is_this_tool(&self) -> bool {
+        *self == RecordedBy::ThisTool
+    }
+}
+
 /// The value of an `assigned/` key: who holds the address. The original stored "", so a value
 /// that does not parse is an owner nobody recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,6 +241,13 @@ pub struct Owner {
     /// retried write can tell its own earlier success from someone else's).
     #[serde(rename = "Since")]
     pub since: String,
+    /// Omitted for this tool's own records, so they read as before.
+    #[serde(
+        rename = "RecordedBy",
+        default,
+        skip_serializing_if = "RecordedBy::is_this_tool"
+    )]
+    pub recorded_by: RecordedBy,
 }
 
 impl Owner {
@@ -181,7 +257,21 @@ impl Owner {
             host: host.into(),
             mac: mac.into(),
             since: rfc3339_now(),
+            recorded_by: RecordedBy::ThisTool,
         }
+    }
+
+    /// The record `migrate-v2` writes for an address the original tool had assigned for
+    /// `role`: no host, no MAC, since the migration.
+    pub fn original(role: Role) -> Owner {
+        Owner {
+            recorded_by: RecordedBy::Original,
+            ..Owner::new(role, "", "")
+        }
+    }
+
+    pub fn is_original(&self) -> bool {
+        self.recorded_by == RecordedBy::Original
     }
 
     pub fn to_json(&self) -> String {
@@ -195,6 +285,12 @@ impl Owner {
 
     /// For messages: "host h2 (mac 02:42:…)", "the gateway of host h1".
     pub fn describe(&self) -> String {
+        if self.is_original() {
+            return format!(
+                "a {} of the original tool (migrated from etcd v2; holder not recorded)",
+                self.role.as_str()
+            );
+        }
         let host = if self.host.is_empty() {
             "an unknown host"
         } else {
@@ -289,6 +385,24 @@ mod tests {
             c.addr_of("/talkingdata/containers/192.168.0.0/config"),
             None
         );
+        assert_eq!(l.classify(&l.hosts_config()), Some(KeyKind::HostsConfig));
+        assert_eq!(
+            l.classify(&l.hosts().assigned(a)),
+            Some(KeyKind::Assigned(None, a))
+        );
+        assert_eq!(l.classify(&c.pool(a)), Some(KeyKind::Free(Some(net), a)));
+        assert_eq!(
+            l.classify(&l.container_config(net)),
+            Some(KeyKind::ContainerConfig(net))
+        );
+        for other in [
+            "/talkingdata/hosts/pool/x",
+            "/talkingdata/hosts",
+            "/talkingdatax/hosts/config",
+            "/talkingdata/containers/192.168.0.0/pool/1.2.3.4/extra",
+        ] {
+            assert_eq!(l.classify(other), None, "{other}");
+        }
     }
 
     #[test]
@@ -326,5 +440,20 @@ mod tests {
         assert_eq!(back, o);
         assert_eq!(back.describe(), "host h2 (mac 02:42:00:00:00:01)");
         assert_eq!(describe_holder(""), "an unrecorded owner");
+        assert!(!o.to_json().contains("RecordedBy"), "{}", o.to_json());
+    }
+
+    #[test]
+    fn records_of_the_original_say_so() {
+        let o = Owner::original(Role::Container);
+        let json = o.to_json();
+        assert!(json.contains(r#""RecordedBy":"original""#), "{json}");
+        let back = Owner::from_json(&json).unwrap();
+        assert!(back.is_original());
+        assert_eq!(
+            back.describe(),
+            "a container of the original tool (migrated from etcd v2; holder not recorded)"
+        );
+        assert!(!Owner::new(Role::Container, "h1", "").is_original());
     }
 }

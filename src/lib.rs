@@ -9,6 +9,7 @@ pub mod ipam;
 pub mod kv;
 pub mod layout;
 pub mod logging;
+pub mod migrate;
 pub mod network;
 pub mod pools;
 pub mod server;

@@ -13,8 +13,8 @@ use ipnet::Ipv4Net;
 
 use crate::alloc::{AllocError, Allocator};
 use crate::cli::NetworkFlags;
-use crate::kv::{Kv, Range, StoreError};
-use crate::layout::{ContainerConfig, HostsConfig, Layout, Owner, PoolKeys, Role};
+use crate::kv::{KeyValue, Kv, Range, StoreError};
+use crate::layout::{describe_holder, ContainerConfig, HostsConfig, Layout, Owner, PoolKeys, Role};
 
 /// The IPAM driver name Docker finds the plugin by (the socket's file name).
 pub const IPAM_DRIVER: &str = "talkingdata";
@@ -126,6 +126,13 @@ impl From<AllocError> for NetworkError {
 /// One thing done that can be undone.
 enum Done {
     TookAddress(Ipv4Addr),
+    /// Took over the original's record of `addr`; `previous` is its value, `ours` what
+    /// replaced it.
+    Adopted {
+        addr: Ipv4Addr,
+        previous: String,
+        ours: String,
+    },
     CreatedNetwork(String),
     WroteFile {
         path: PathBuf,
@@ -176,6 +183,9 @@ struct Plan {
     held: Option<Ipv4Addr>,
     /// The host address to take if none is held: the one asked for or the existing network's.
     wanted: Option<Ipv4Addr>,
+    /// The original tool's record (migrated from etcd v2) of `wanted`, which this host's
+    /// bridge carries: the address is this host's, so its record is taken over.
+    adopt: Option<KeyValue>,
     interface: String,
     bridge_path: PathBuf,
     iface_path: PathBuf,
@@ -230,6 +240,42 @@ fn plan<K: Kv>(kv: &K, layout: &Layout, flags: &NetworkFlags) -> Result<Plan, Ne
         Some(None) => return Err(differs("no IPv4 gateway".into())),
         None => flags.ip,
     };
+    let (wanted, adopt) = match (held, wanted) {
+        (None, Some(addr)) => {
+            let record = original_record(kv, layout, addr)?
+                .filter(|_| bridge_addrs(&flags.bridge).contains(&addr));
+            (Some(addr), record)
+        }
+        // Without --ip, an address the original gave this host is still on its bridge.
+        (None, None) => {
+            let mut found = (None, None);
+            for addr in bridge_addrs(&flags.bridge) {
+                if let Some(record) = original_record(kv, layout, addr)? {
+                    found = (Some(addr), Some(record));
+                    break;
+                }
+            }
+            found
+        }
+        (held, wanted) => (held.or(wanted), None),
+    };
+    // The address to take must be free now: a dry run says what the real run would, and
+    // the real run refuses before it changes anything.
+    if let (None, Some(addr), None) = (held, wanted, &adopt) {
+        let hosts = layout.hosts();
+        if let Some(record) = kv.range(&Range::key(hosts.assigned(addr)))?.first() {
+            return Err(NetworkError::Alloc(AllocError::InUse {
+                addr,
+                holder: describe_holder(&record.value),
+            }));
+        }
+        if kv.range(&Range::key(hosts.pool(addr)))?.is_empty() {
+            return Err(NetworkError::Alloc(AllocError::NotInPool {
+                addr,
+                net: subnet,
+            }));
+        }
+    }
     Ok(Plan {
         host,
         subnet,
@@ -240,6 +286,7 @@ fn plan<K: Kv>(kv: &K, layout: &Layout, flags: &NetworkFlags) -> Result<Plan, Ne
         iface_path: flags.ifcfg_dir.join(format!("ifcfg-{interface}")),
         interface,
         network_exists: existing_gateway.is_some(),
+        adopt,
     })
 }
 
@@ -247,6 +294,10 @@ fn print_dry_run(plan: &Plan, flags: &NetworkFlags) {
     let host = &plan.host;
     match (plan.held, plan.wanted) {
         (Some(a), _) => println!("would keep {a}, which this host holds"),
+        (None, Some(a)) if plan.adopt.is_some() => println!(
+            "would adopt {a}: the original tool assigned it and {} carries it",
+            flags.bridge
+        ),
         (None, Some(a)) => println!("would take {a} from the host pool as {host}"),
         (None, None) => println!("would take a free address from the host pool as {host}"),
     }
@@ -312,20 +363,41 @@ fn apply<K: Kv>(
         }
         None => {
             let owner = Owner::new(Role::Host, &plan.host, "");
-            let addr = match plan.wanted {
-                Some(addr) => {
-                    alloc
-                        .take(hosts, plan.subnet, addr, &owner)
-                        .map_err(|e| step("taking the host address", e))?;
-                    addr
+            if let (Some(record), Some(addr)) = (&plan.adopt, plan.wanted) {
+                let ours = owner.to_json();
+                let adopted = alloc
+                    .replace_owner(hosts, addr, record.mod_revision, &ours)
+                    .map_err(|e| step("adopting the host address", e))?;
+                if !adopted {
+                    let why = format!("the record of {addr} changed since it was read");
+                    return Err(step("adopting the host address", why));
                 }
-                None => alloc
-                    .take_any(hosts, plan.subnet, &owner)
-                    .map_err(|e| step("taking a host address", e))?,
-            };
-            done.push(Done::TookAddress(addr));
-            println!("took host address {addr}");
-            addr
+                done.push(Done::Adopted {
+                    addr,
+                    previous: record.value.clone(),
+                    ours,
+                });
+                println!(
+                    "adopted {addr}: the original tool assigned it and {} carries it",
+                    flags.bridge
+                );
+                addr
+            } else {
+                let addr = match plan.wanted {
+                    Some(addr) => {
+                        alloc
+                            .take(hosts, plan.subnet, addr, &owner)
+                            .map_err(|e| step("taking the host address", e))?;
+                        addr
+                    }
+                    None => alloc
+                        .take_any(hosts, plan.subnet, &owner)
+                        .map_err(|e| step("taking a host address", e))?,
+                };
+                done.push(Done::TookAddress(addr));
+                println!("took host address {addr}");
+                addr
+            }
         }
     };
 
@@ -417,6 +489,14 @@ fn undo<K: Kv>(alloc: &mut Allocator<K>, hosts: &PoolKeys, done: Vec<Done>) -> V
                 format!("removed Docker network {name}"),
                 run("docker", &["network", "rm", &name]).map(|_| ()),
             ),
+            Done::Adopted {
+                addr,
+                previous,
+                ours,
+            } => (
+                format!("gave {addr} back to the original's record"),
+                give_back(alloc, hosts, addr, &ours, &previous),
+            ),
             Done::TookAddress(addr) => (
                 format!("released host address {addr}"),
                 alloc
@@ -431,6 +511,61 @@ fn undo<K: Kv>(alloc: &mut Allocator<K>, hosts: &PoolKeys, done: Vec<Done>) -> V
         }
     }
     said
+}
+
+/// Puts `previous` back as the record of `addr` if the record is still `ours`.
+fn give_back<K: Kv>(
+    alloc: &mut Allocator<K>,
+    hosts: &PoolKeys,
+    addr: Ipv4Addr,
+    ours: &str,
+    previous: &str,
+) -> Result<(), String> {
+    let record = alloc
+        .kv()
+        .range(&Range::key(hosts.assigned(addr)))
+        .map_err(|e| e.to_string())?;
+    match record.first() {
+        Some(kv) if kv.value == ours => {
+            match alloc.replace_owner(hosts, addr, kv.mod_revision, previous) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err("its record changed meanwhile".into()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        _ => Err("its record changed meanwhile".into()),
+    }
+}
+
+/// The original tool's record (migrated from etcd v2) of host address `addr`, if that is
+/// what holds it.
+fn original_record<K: Kv>(
+    kv: &K,
+    layout: &Layout,
+    addr: Ipv4Addr,
+) -> Result<Option<KeyValue>, NetworkError> {
+    let record = kv.range(&Range::key(layout.hosts().assigned(addr)))?;
+    Ok(record
+        .into_iter()
+        .next()
+        .filter(|kv| Owner::from_json(&kv.value).is_some_and(|o| o.is_original())))
+}
+
+/// The IPv4 addresses `bridge` carries now (none if it does not exist).
+fn bridge_addrs(bridge: &str) -> Vec<Ipv4Addr> {
+    let Ok(out) = run("ip", &["-4", "-o", "addr", "show", "dev", bridge]) else {
+        return Vec::new();
+    };
+    let mut words = out.split_whitespace();
+    let mut found = Vec::new();
+    while let Some(word) = words.next() {
+        if word == "inet" {
+            if let Some(addr) = words.next().and_then(|a| a.split('/').next()?.parse().ok()) {
+                found.push(addr);
+            }
+        }
+    }
+    found
 }
 
 /// The host address this host already holds, if any.

@@ -32,6 +32,11 @@ pub enum PoolError {
     GatewayOutside { gateway: Ipv4Addr, subnet: Ipv4Net },
     /// The hosts' gateway is already in the container pool.
     GatewayPooled { gateway: Ipv4Addr },
+    /// The range holds no address that may be pooled (only network, broadcast or gateway).
+    NothingToPool,
+    /// The original tool's etcd v2 data defines this pool and no v3 pool does yet: defining
+    /// it anew would pool addresses the original's containers hold.
+    DefinedByOriginal { dir: String },
     /// The store failed; what was written before stays (each address whole), and running the
     /// same command again completes it.
     Store(StoreError),
@@ -61,6 +66,16 @@ impl fmt::Display for PoolError {
             PoolError::GatewayPooled { gateway } => write!(
                 f,
                 "gateway {gateway} is in the container pool; release-ip it and remove it first"
+            ),
+            PoolError::NothingToPool => write!(
+                f,
+                "the range holds no address to pool (only the network, broadcast or gateway \
+                 address); nothing changed"
+            ),
+            PoolError::DefinedByOriginal { dir } => write!(
+                f,
+                "the original's etcd v2 data defines this network ({dir}): run \
+                 'oam-docker-ipam migrate-v2'"
             ),
             PoolError::Store(e) => write!(f, "{e}"),
         }
@@ -123,7 +138,12 @@ pub fn add_container_range<K: Kv>(
 
     let config_key = layout.container_config(range.net.network());
     let config = json(&ContainerConfig::new(range.net));
-    check_config(kv, &config_key, &config)?;
+    check_config(
+        kv,
+        &config_key,
+        &config,
+        &layout.container_dir(range.net.network()),
+    )?;
     let keys = layout.containers(range.net.network());
     fill(
         kv,
@@ -158,7 +178,7 @@ pub fn add_host_range<K: Kv>(
 
     let config_key = layout.hosts_config();
     let config = json(&HostsConfig::new(range.net, gateway));
-    check_config(kv, &config_key, &config)?;
+    check_config(kv, &config_key, &config, &layout.hosts_dir())?;
     fill(
         kv,
         &layout.hosts(),
@@ -202,15 +222,25 @@ fn refuse_overlap(
     }
 }
 
-/// Refuses early if the config key holds something other than `wanted`.
-fn check_config<K: Kv>(kv: &K, key: &str, wanted: &str) -> Result<(), PoolError> {
+/// Refuses early if the config key holds something other than `wanted`, or if it is absent
+/// while the original's v2 data defines the pool (`original_dir`): that needs `migrate-v2`.
+fn check_config<K: Kv>(
+    kv: &K,
+    key: &str,
+    wanted: &str,
+    original_dir: &str,
+) -> Result<(), PoolError> {
     match kv.range(&Range::key(key))?.first() {
         Some(stored) if stored.value != wanted => Err(PoolError::ConfigMismatch {
             key: key.into(),
             stored: stored.value.clone(),
             wanted: wanted.into(),
         }),
-        _ => Ok(()),
+        Some(_) => Ok(()),
+        None if kv.original_has(original_dir)? => Err(PoolError::DefinedByOriginal {
+            dir: original_dir.into(),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -225,6 +255,9 @@ fn fill<K: Kv>(
     progress: Progress,
     (config_key, config): (&str, &str),
 ) -> Result<AddReport, PoolError> {
+    if range.poolable(excluded).next().is_none() {
+        return Err(PoolError::NothingToPool);
+    }
     let free: HashSet<Ipv4Addr> = addrs_of_dir(kv, keys, &keys.pool_dir)?;
     let used: HashSet<Ipv4Addr> = addrs_of_dir(kv, keys, &keys.assigned_dir)?;
     let mut report = AddReport::default();
@@ -421,6 +454,53 @@ mod tests {
             .dump()
             .iter()
             .any(|(k, _)| k == &keys.pool("192.0.2.5".parse().unwrap())));
+    }
+
+    #[test]
+    fn a_pool_only_the_original_defined_is_not_defined_again() {
+        let kv = MemKv::new();
+        let l = Layout::new("/t");
+        kv.original
+            .borrow_mut()
+            .push("/t/containers/192.0.2.0/assigned/192.0.2.100".into());
+        kv.original.borrow_mut().push("/t/hosts/config".into());
+        let err = add_container_range(&kv, &l, range("192.0.2.1/24", "192.0.2.9/24"), &mut quiet());
+        assert_eq!(
+            err,
+            Err(PoolError::DefinedByOriginal {
+                dir: "/t/containers/192.0.2.0".into()
+            })
+        );
+        let err = add_host_range(
+            &kv,
+            &l,
+            range("192.0.2.50/24", "192.0.2.59/24"),
+            "192.0.2.1".parse().unwrap(),
+            &mut quiet(),
+        );
+        assert!(
+            matches!(err, Err(PoolError::DefinedByOriginal { .. })),
+            "{err:?}"
+        );
+        assert_eq!(kv.dump(), vec![]);
+        // Another network the original never defined is fine.
+        add_container_range(
+            &kv,
+            &l,
+            range("198.51.100.1/24", "198.51.100.9/24"),
+            &mut quiet(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_range_with_nothing_to_pool_writes_nothing() {
+        let kv = MemKv::new();
+        let l = Layout::new("/t");
+        let only_broadcast = range("192.0.2.255/24", "192.0.2.255/24");
+        let err = add_container_range(&kv, &l, only_broadcast, &mut quiet());
+        assert_eq!(err, Err(PoolError::NothingToPool));
+        assert_eq!(kv.dump(), vec![]);
     }
 
     #[test]

@@ -88,6 +88,31 @@ fn refusals_change_nothing() {
             ],
             "not in the address pool",
         ),
+        // The dry run refuses what the real run would, instead of saying "would take".
+        (
+            &[
+                "--ifcfg-dir",
+                dir,
+                "--interface",
+                "eth1",
+                "--ip",
+                "198.51.100.7",
+                "--dry-run",
+            ],
+            "not in the address pool",
+        ),
+        (
+            &[
+                "--ifcfg-dir",
+                dir,
+                "--interface",
+                "eth1",
+                "--ip",
+                "192.0.2.1",
+                "--dry-run",
+            ],
+            "192.0.2.1 is not in the address pool of 192.0.2.0/24",
+        ),
         (
             &[
                 "--ifcfg-dir",

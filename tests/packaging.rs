@@ -4,10 +4,11 @@
 
 mod common;
 
-use common::{ok, TempDir, BIN};
+use common::{ok, ok_in, TempDir, BIN};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -26,21 +27,35 @@ fn help(args: &[&str]) -> String {
     ok(Command::new(BIN).args(args).output().unwrap())
 }
 
-#[test]
-fn the_rpm_holds_exactly_the_expected_files_and_a_binary_for_centos_7() {
+/// The RPM `packaging/build-rpm` makes with this release number, copied out of its build
+/// tree (which the next build replaces). Builds one at a time.
+fn build_rpm(release: u32) -> String {
+    static BUILDING: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
     let out = ok(Command::new(repo("packaging/build-rpm"))
+        .env("RPM_RELEASE", release.to_string())
         .output()
         .expect("run packaging/build-rpm"));
-    let rpm = out
+    let built = out
         .lines()
         .last()
         .expect("build-rpm printed nothing")
         .trim()
         .to_string();
     assert!(
-        rpm.ends_with(".rpm") && Path::new(&rpm).is_file(),
-        "last line {rpm:?}"
+        built.ends_with(&format!("-{release}.x86_64.rpm")) && Path::new(&built).is_file(),
+        "last line {built:?}"
     );
+    let dir = repo(&format!("target/rpm-test/{release}"));
+    std::fs::create_dir_all(&dir).expect("make a directory for the RPM");
+    let kept = dir.join(Path::new(&built).file_name().expect("a file name"));
+    std::fs::copy(&built, &kept).expect("copy the RPM");
+    kept.to_string_lossy().into_owned()
+}
+
+#[test]
+fn the_rpm_holds_exactly_the_expected_files_and_a_binary_for_centos_7() {
+    let rpm = build_rpm(1);
 
     let files = ok(tool("rpm", &["-qlp", &rpm]));
     let want = [
@@ -132,6 +147,155 @@ fn the_rpm_holds_exactly_the_expected_files_and_a_binary_for_centos_7() {
         lint.status.success() && said.contains(" 0 errors, 0 warnings"),
         "rpmlint:\n{said}{}",
         common::stderr(&lint)
+    );
+}
+
+const ORIGINAL_RPM: &str =
+    "../shared/fixtures/original/oam-docker-ipam-1.0.0-1.el7.centos.x86_64.rpm";
+
+/// A scratch root for `rpm --root`: busybox as /bin/sh and its applets, so that scriptlets
+/// run (chrooted) as on a host; no systemctl, which the scriptlets allow for.
+struct ScratchRoot(TempDir);
+
+impl ScratchRoot {
+    fn new(tag: &str) -> ScratchRoot {
+        let root = ScratchRoot(TempDir::new(tag));
+        let bin = root.path("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::copy("/bin/busybox", bin.join("busybox"))
+            .expect("busybox-static is installed (the test command installs it)");
+        let applets = ok(tool("/bin/busybox", &["--list"]));
+        for applet in applets.lines().filter(|a| !a.is_empty() && *a != "busybox") {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+        }
+        root.rpm(&["--initdb"]);
+        root
+    }
+
+    fn path(&self, inside: &str) -> PathBuf {
+        self.0 .0.join(inside.trim_start_matches('/'))
+    }
+
+    /// `rpm --root ROOT ARGS`, which must succeed; its stdout.
+    fn rpm(&self, args: &[&str]) -> String {
+        let root = self.0 .0.to_str().unwrap();
+        let out = Command::new("rpm")
+            .args(["--root", root])
+            .args(args)
+            .output()
+            .expect("rpm is installed");
+        ok_in(&format!("rpm {args:?}"), out)
+    }
+
+    fn read(&self, inside: &str) -> String {
+        std::fs::read_to_string(self.path(inside))
+            .unwrap_or_else(|e| panic!("{inside} in the scratch root: {e}"))
+    }
+
+    /// What `rpm -V` says of the package; empty when every file is as packaged.
+    fn verify(&self) -> String {
+        let root = self.0 .0.to_str().unwrap();
+        let out = Command::new("rpm")
+            .args(["--root", root, "-V", "--nodeps", "oam-docker-ipam"])
+            .output()
+            .expect("rpm is installed");
+        format!("{}{}", common::stdout(&out), common::stderr(&out))
+    }
+}
+
+#[test]
+fn upgrades_over_the_original_and_over_itself_and_erases_cleanly() {
+    let ours = build_rpm(1);
+    let newer = build_rpm(2);
+    let original = repo(ORIGINAL_RPM);
+    assert!(
+        original.is_file(),
+        "the fixture {} is missing",
+        original.display()
+    );
+
+    // The original, installed and configured as its users have it.
+    let root = ScratchRoot::new("rpm-upgrade");
+    root.rpm(&["-i", "--nodeps", original.to_str().unwrap()]);
+    let conf = "/etc/oam-docker-ipam/oam-docker-ipam.conf";
+    std::fs::write(
+        root.path(conf),
+        "# [ipam]\nIPAM_DEBUG=false\nIPAM_CLUSTER_STORE=\"http://192.0.2.53:2379,http://192.0.2.54:2379\"\n",
+    )
+    .unwrap();
+
+    // Ours over it: whole, verified, the endpoints carried, nothing left behind.
+    root.rpm(&["-U", "--nodeps", &ours]);
+    assert_eq!(root.verify(), "", "rpm -V after the upgrade from 1.0.0");
+    assert_eq!(
+        root.rpm(&["-q", "oam-docker-ipam"]).trim(),
+        format!("oam-docker-ipam-{VERSION}-1.x86_64")
+    );
+    let sysconfig = root.read("/etc/sysconfig/oam-docker-ipam");
+    for line in [
+        "CLUSTER_STORE=http://192.0.2.53:2379,http://192.0.2.54:2379",
+        "DEBUG=false",
+    ] {
+        assert!(
+            sysconfig.lines().any(|l| l == line),
+            "no {line:?} in:\n{sysconfig}"
+        );
+    }
+    let runs = Command::new(root.path("/usr/bin/oam-docker-ipam"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(ok(runs).trim(), format!("oam-docker-ipam {VERSION}"));
+    assert!(root
+        .path("/usr/lib/systemd/system/oam-docker-ipam.service")
+        .is_file());
+    for gone in [
+        "/etc/oam-docker-ipam",
+        "/usr/bin/.oam-docker-ipam.rpm-upgrade",
+        "/usr/lib/systemd/system/.oam-docker-ipam.service.rpm-upgrade",
+        "/var/lib/rpm-state/oam-docker-ipam",
+        "/etc/sysconfig/oam-docker-ipam.rpm-upgrade",
+    ] {
+        assert!(!root.path(gone).exists(), "{gone} is left behind");
+    }
+
+    // Our own next release over it: the triggers stay quiet, the edited config stays.
+    root.rpm(&["-U", "--nodeps", &newer]);
+    assert_eq!(
+        root.verify(),
+        "",
+        "rpm -V after an upgrade from our own release"
+    );
+    assert_eq!(root.read("/etc/sysconfig/oam-docker-ipam"), sysconfig);
+    assert_eq!(
+        sysconfig.matches("CLUSTER_STORE=").count(),
+        2,
+        "{sysconfig}"
+    );
+
+    // Erase: every packaged file goes; the edited config is kept as .rpmsave, as rpm does.
+    root.rpm(&["-e", "--nodeps", "oam-docker-ipam"]);
+    for gone in [
+        "/usr/bin/oam-docker-ipam",
+        "/usr/lib/systemd/system/oam-docker-ipam.service",
+        "/usr/lib/systemd/system/oam-docker-ipam.socket",
+        "/etc/sysconfig/oam-docker-ipam",
+    ] {
+        assert!(!root.path(gone).exists(), "{gone} is left after erase");
+    }
+    assert_eq!(
+        root.read("/etc/sysconfig/oam-docker-ipam.rpmsave"),
+        sysconfig
+    );
+
+    // A fresh install carries nothing and verifies clean.
+    let fresh = ScratchRoot::new("rpm-fresh");
+    fresh.rpm(&["-i", "--nodeps", &ours]);
+    assert_eq!(fresh.verify(), "");
+    let packaged = fresh.read("/etc/sysconfig/oam-docker-ipam");
+    assert!(
+        !packaged.lines().any(|l| l.starts_with("CLUSTER_STORE=")),
+        "{packaged}"
     );
 }
 
@@ -275,7 +439,10 @@ fn help_and_man_page_document_the_same_commands_and_flags() {
     let man = man_flags();
     let man_commands: BTreeSet<&String> = man
         .keys()
-        .filter(|k| k.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+        .filter(|k| {
+            k.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
         .collect();
     assert_eq!(
         man_commands,

@@ -52,22 +52,55 @@ pub struct Etcd {
     peer_url: String,
     dir: PathBuf,
     watchdog: Option<Child>,
+    /// Extra flags for etcd (e.g. `--enable-v2=true`).
+    extra: String,
+    /// Another address of this machine that etcd also listens on, same port.
+    also_on: Option<String>,
 }
 
 impl Etcd {
     /// Starts an etcd of its own (for tests that stop it).
     pub fn start(tag: &str) -> Etcd {
+        Etcd::start_with(tag, "")
+    }
+
+    /// Starts an etcd of its own that also serves the v2 API, as the original tool used it.
+    pub fn start_v2(tag: &str) -> Etcd {
+        Etcd::start_with(tag, "--enable-v2=true")
+    }
+
+    /// Like `start_v2`, also listening on `addr` (an address a test gave a namespace's peer).
+    pub fn start_v2_also_on(tag: &str, addr: &str) -> Etcd {
+        let mut etcd = Etcd::prepare(tag, "--enable-v2=true");
+        etcd.also_on = Some(addr.into());
+        etcd.run();
+        etcd
+    }
+
+    /// The URL of the extra address, if any.
+    pub fn also_url(&self) -> Option<String> {
+        let port = self.url.rsplit(':').next()?;
+        Some(format!("http://{}:{port}", self.also_on.as_ref()?))
+    }
+
+    fn start_with(tag: &str, extra: &str) -> Etcd {
+        let mut etcd = Etcd::prepare(tag, extra);
+        etcd.run();
+        etcd
+    }
+
+    fn prepare(tag: &str, extra: &str) -> Etcd {
         let dir = std::env::temp_dir().join(format!("oam-etcd-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("etcd dir");
-        let mut etcd = Etcd {
+        Etcd {
             url: format!("http://127.0.0.1:{}", free_port()),
             peer_url: format!("http://127.0.0.1:{}", free_port()),
             dir,
             watchdog: None,
-        };
-        etcd.run();
-        etcd
+            extra: extra.into(),
+            also_on: None,
+        }
     }
 
     /// The etcd shared by every test of this test binary (each uses its own key prefix).
@@ -87,7 +120,7 @@ impl Etcd {
         let script = r#"
             etcd --name t --data-dir "$1/data" --listen-client-urls "$2" --advertise-client-urls "$2" \
                  --listen-peer-urls "$3" --initial-advertise-peer-urls "$3" \
-                 --initial-cluster "t=$3" >>"$1/log" 2>&1 &
+                 --initial-cluster "t=$3" $5 >>"$1/log" 2>&1 &
             pid=$!
             echo $pid >"$1/pid"
             while kill -0 "$4" 2>/dev/null && kill -0 $pid 2>/dev/null; do sleep 0.2; done
@@ -97,9 +130,13 @@ impl Etcd {
         let child = Command::new("sh")
             .args(["-c", script, "etcd-watchdog"])
             .arg(&self.dir)
-            .arg(&self.url)
+            .arg(match self.also_url() {
+                Some(also) => format!("{},{also}", self.url),
+                None => self.url.clone(),
+            })
             .arg(&self.peer_url)
             .arg(std::process::id().to_string())
+            .arg(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -163,6 +200,37 @@ impl Etcd {
     pub fn delete(&self, key: &str) {
         self.etcdctl(&["del", key]);
     }
+
+    /// Writes `key` through the v2 API, as the original tool did.
+    pub fn v2_put(&self, key: &str, value: &str) {
+        let body = format!("value={}", percent_encode(value));
+        let answer = http_request(&self.url, "PUT", &format!("/v2/keys{key}"), &body)
+            .unwrap_or_else(|| panic!("etcd did not answer a v2 PUT of {key}"));
+        assert!(
+            answer.contains("\"action\":\"set\""),
+            "v2 PUT {key}: {answer}"
+        );
+    }
+
+    /// The v2 API's answer for `GET /v2/keys<key>?recursive=true&sorted=true`.
+    pub fn v2_get(&self, key: &str) -> String {
+        http_get(
+            &self.url,
+            &format!("/v2/keys{key}?recursive=true&sorted=true"),
+        )
+        .unwrap_or_else(|| panic!("etcd did not answer a v2 GET of {key}"))
+    }
+}
+
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 impl Drop for Etcd {
@@ -174,13 +242,47 @@ impl Drop for Etcd {
 
 /// A plain HTTP GET over TCP to loopback; the body, or None if nothing answered.
 pub fn http_get(base: &str, path: &str) -> Option<String> {
+    http_request(base, "GET", path, "")
+}
+
+/// A plain HTTP/1.0 request over TCP to loopback with a form body; the answer's body.
+fn http_request(base: &str, method: &str, path: &str, form: &str) -> Option<String> {
     let addr = base.strip_prefix("http://")?;
     let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+        form.len()
+    )
+    .ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     text.split("\r\n\r\n").nth(1).map(str::to_string)
+}
+
+/// The original tool's v2 dump (shared/fixtures/original/v2-keys.json), as (key, value)
+/// leaves in key order.
+pub fn original_v2_dump() -> Vec<(String, String)> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/original/v2-keys.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("the original's fixture {}: {e}", path.display()));
+    let json: serde_json::Value = serde_json::from_str(&text).expect("the fixture is JSON");
+    fn walk(node: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        if node["dir"].as_bool() == Some(true) {
+            for child in node["nodes"].as_array().into_iter().flatten() {
+                walk(child, out);
+            }
+        } else if let Some(key) = node["key"].as_str() {
+            let value = node["value"].as_str().unwrap_or_default();
+            out.push((key.to_string(), value.to_string()));
+        }
+    }
+    let mut leaves = Vec::new();
+    walk(&json["node"], &mut leaves);
+    leaves
 }
 
 /// A key prefix no other test uses.
