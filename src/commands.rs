@@ -176,9 +176,11 @@ pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
                 env!("CARGO_PKG_VERSION"),
                 global.store_prefix
             );
-            let etcd = etcd();
-            log_etcd(&etcd, &global.endpoints);
-            let mut plugin = Plugin::new(etcd, layout, host);
+            // On its own client and thread: an etcd that does not answer must delay neither
+            // Docker's first call nor the signal handlers that serve installs.
+            let (probe, endpoints) = (etcd(), global.endpoints.clone());
+            std::thread::spawn(move || log_etcd(&probe, &endpoints));
+            let mut plugin = Plugin::new(etcd(), layout, host);
             server::serve(listener, |path, body| {
                 let answer = match body {
                     Ok(body) => plugin.handle(path, body),
