@@ -479,6 +479,7 @@ fn under_systemd_the_upgrade_from_the_original_1_0_0_rpm_keeps_its_endpoints() {
         cmdline.contains("--cluster-store="),
         "not the original: {cmdline}"
     );
+    // The original's own command line defines a pool, in etcd's v2 keyspace.
     m.cli("ip-range --ip-start 198.51.100.10/24 --ip-end 198.51.100.19/24");
 
     m.must(&format!("rpm -U --nodeps /mnt/pkgs/{}", rpm_name(ours)));
@@ -493,13 +494,21 @@ fn under_systemd_the_upgrade_from_the_original_1_0_0_rpm_keeps_its_endpoints() {
     );
     assert_eq!(m.state("oam-docker-ipam.socket"), "active");
 
-    // Docker reaches our plugin through the socket, and it uses the old endpoints.
+    // Docker reaches our plugin through the socket, which reads the old endpoints' etcd: it
+    // refuses the original's network until migrate-v2 (README, "Upgrading from 1.x").
     m.busybox_image();
-    m.must(
-        "docker network create --ipam-driver talkingdata --subnet 198.51.100.0/24 \
+    let create = "docker network create --ipam-driver talkingdata --subnet 198.51.100.0/24 \
          --gateway 198.51.100.1 -o com.docker.network.bridge.name=br-up \
-         -o com.docker.network.bridge.enable_ip_masquerade=false upnet",
+         -o com.docker.network.bridge.enable_ip_masquerade=false upnet";
+    let refused = m.sh(create);
+    assert!(
+        common::stderr(&refused).contains("run 'oam-docker-ipam migrate-v2'"),
+        "{}",
+        common::stderr(&refused)
     );
+    m.cli("migrate-v2");
+    m.must("systemctl restart oam-docker-ipam.service");
+    m.must(create);
     let addr = m.must("docker run --rm --network upnet bb:latest ip -4 -o addr show eth0");
     assert!(addr.contains("inet 198.51.100.1"), "{addr}");
     let pid = m.must("systemctl show -P ExecMainPID oam-docker-ipam.service");
