@@ -176,6 +176,10 @@ pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
                 env!("CARGO_PKG_VERSION"),
                 global.store_prefix
             );
+            // On its own client and thread: an etcd that does not answer must delay neither
+            // Docker's first call nor the signal handlers that serve installs.
+            let (probe, endpoints) = (etcd(), global.endpoints.clone());
+            std::thread::spawn(move || log_etcd(&probe, &endpoints));
             let mut plugin = Plugin::new(etcd(), layout, host);
             server::serve(listener, |path, body| {
                 let answer = match body {
@@ -192,6 +196,23 @@ pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::CreateNetwork(flags) => Ok(network::create(etcd(), &layout, &flags)?),
+    }
+}
+
+/// Says at start which etcd the server will use, and warns (it serves anyway: etcd may come
+/// up later, and Docker gets each request's error meanwhile) when no endpoint answers.
+fn log_etcd(etcd: &Client, endpoints: &[String]) {
+    let endpoints = endpoints.join(",");
+    match etcd.server_version() {
+        Ok(found) => log::info!(
+            "etcd endpoints {endpoints}: {} answers, etcd {}, API prefix {}",
+            found.endpoint,
+            found.version,
+            found.api_prefix
+        ),
+        Err(e) => log::warn!(
+            "etcd endpoints {endpoints}: none answers ({e}); serving anyway, requests fail until one does"
+        ),
     }
 }
 

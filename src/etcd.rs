@@ -83,6 +83,17 @@ enum Attempt {
     Fail(Error),
 }
 
+/// What `Client::server_version` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerVersion {
+    /// The endpoint that answered.
+    pub endpoint: String,
+    /// Its etcd version, e.g. `3.5.16`.
+    pub version: String,
+    /// The gateway prefix requests use: `/v3`, `/v3beta` or `/v3alpha`.
+    pub api_prefix: &'static str,
+}
+
 /// An etcd cluster reached through its JSON gateway.
 pub struct Client {
     endpoints: Vec<String>,
@@ -254,11 +265,40 @@ impl Client {
         }))
     }
 
+    /// The first endpoint that answers `/version`, its etcd version and the gateway prefix
+    /// this client uses with it (remembered, as the first request would).
+    pub fn server_version(&self) -> Result<ServerVersion, Error> {
+        let mut tries = Vec::new();
+        for endpoint in &self.endpoints {
+            match self.read_version(endpoint) {
+                Ok(version) => {
+                    let api_prefix = *self.api_prefix.get_or_init(|| gateway_prefix(&version));
+                    return Ok(ServerVersion {
+                        endpoint: endpoint.clone(),
+                        version,
+                        api_prefix,
+                    });
+                }
+                Err(Attempt::Retry(why)) => tries.push((endpoint.clone(), why)),
+                Err(Attempt::Fail(e)) => return Err(e),
+            }
+        }
+        Err(Error::Unreachable(tries))
+    }
+
     /// The gateway prefix, read once per process from the first endpoint that answers.
     fn api_prefix(&self, endpoint: &str) -> Result<&'static str, Attempt> {
         if let Some(prefix) = self.api_prefix.get() {
             return Ok(prefix);
         }
+        let server = self.read_version(endpoint)?;
+        let prefix = gateway_prefix(&server);
+        log::debug!("etcd {endpoint} is version {server:?}: using gateway prefix {prefix}");
+        Ok(self.api_prefix.get_or_init(|| prefix))
+    }
+
+    /// `etcdserver` of the endpoint's `/version`.
+    fn read_version(&self, endpoint: &str) -> Result<String, Attempt> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let url = format!("{endpoint}/version");
         let mut answer = self.agent.get(&url).call().map_err(transport_reason)?;
@@ -279,9 +319,7 @@ impl Client {
                 version: server.into(),
             }));
         }
-        let prefix = gateway_prefix(server);
-        log::debug!("etcd {endpoint} is version {server:?}: using gateway prefix {prefix}");
-        Ok(self.api_prefix.get_or_init(|| prefix))
+        Ok(server.to_string())
     }
 }
 

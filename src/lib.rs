@@ -9,6 +9,7 @@ pub mod http;
 pub mod ipam;
 pub mod kv;
 pub mod layout;
+pub mod logging;
 pub mod migrate;
 pub mod network;
 pub mod pools;

@@ -1,7 +1,7 @@
 //! oam-docker-ipam: a Docker remote IPAM plugin whose address pools live in etcd, and the
 //! command line that defines those pools. This file only dispatches and reports errors.
 
-use oam_docker_ipam::{cli, commands};
+use oam_docker_ipam::{cli, commands, logging};
 
 use std::process::ExitCode;
 
@@ -10,26 +10,15 @@ fn main() -> ExitCode {
     let (global, command) = match parsed {
         Ok(parsed) => parsed,
         Err(e) => {
-            eprintln!("oam-docker-ipam: {e}");
+            logging::fatal(&e);
             return ExitCode::from(2);
         }
     };
-    let level = if global.debug {
-        log::LevelFilter::Debug
-    } else {
-        log::LevelFilter::Info
-    };
-    // Our own debug lines only: the HTTP crates' are noise to an operator.
-    env_logger::Builder::new()
-        .filter_level(log::LevelFilter::Warn)
-        .filter_module("oam_docker_ipam", level)
-        .format_target(false)
-        .parse_env("RUST_LOG")
-        .init();
+    logging::init(global.debug);
     match commands::run(&global, command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("oam-docker-ipam: {e}");
+            logging::fatal(&e);
             ExitCode::from(1)
         }
     }
