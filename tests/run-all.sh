@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(etcd-server etcd-client docker.io busybox-static iproute2 util-linux rpm rpmlint
-          mandoc musl-tools systemd debootstrap systemd-container procps)
+          mandoc musl-tools systemd debootstrap systemd-container procps cpio curl)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -22,7 +22,7 @@ if ((${#missing[@]})); then
 fi
 for tool in etcd etcdctl dockerd docker busybox ip nsenter unshare rpmbuild rpmlint mandoc \
             systemd-analyze systemd-socket-activate musl-gcc debootstrap systemd-nspawn pgrep \
-            flock timeout; do
+            flock timeout cpio rpm2cpio curl; do
     command -v "$tool" >/dev/null || { echo "FATAL: $tool is missing after install" >&2; exit 1; }
 done
 rustup target list --installed | grep -qx x86_64-unknown-linux-musl \
