@@ -560,8 +560,12 @@ impl Kv for Client {
         Ok(Client::range(self, range)?)
     }
 
-    fn original_has(&self, prefix: &str) -> Result<bool, StoreError> {
-        Ok(matches!(self.v2_tree(prefix)?, V2Tree::Keys { keys, .. } if !keys.is_empty()))
+    fn original_keys(&self, prefix: &str) -> Result<Option<Vec<KeyValue>>, StoreError> {
+        Ok(match self.v2_tree(prefix)? {
+            V2Tree::NotServed => None,
+            V2Tree::Missing => Some(Vec::new()),
+            V2Tree::Keys { keys, .. } => Some(keys),
+        })
     }
 
     fn txn(&self, txn: &Txn) -> Result<TxnOutcome, StoreError> {

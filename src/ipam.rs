@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use crate::alloc::{Allocator, Released, Taken};
 use crate::kv::{Kv, Range};
 use crate::layout::{ContainerConfig, Layout, Owner, Role};
+use crate::pools::Original;
 
 /// The content type Docker's own plugin helpers answer with.
 pub const CONTENT_TYPE: &str = "application/vnd.docker.plugins.v1+json";
@@ -176,8 +177,10 @@ impl<K: Kv> Plugin<K> {
         let key = self.layout.container_config(id);
         let stored = self.alloc.kv().range(&Range::key(&key))?;
         let Some(stored) = stored.first() else {
-            let dir = self.layout.container_dir(id);
-            if self.alloc.kv().original_has(&dir)? {
+            let asked = Ipv4Net::new(id, 32).unwrap_or_default();
+            if let Original::Defines(dir) =
+                crate::pools::original_network(self.alloc.kv(), &self.layout, asked)?
+            {
                 return Err(Refusal(
                     404,
                     format!(
@@ -478,9 +481,10 @@ mod tests {
     fn a_pool_only_the_original_defined_needs_migrating() {
         let kv = MemKv::new();
         let mut p = plugin(&kv);
-        kv.original
-            .borrow_mut()
-            .push("/t/containers/198.51.100.0/config".into());
+        kv.original_put(
+            "/t/containers/198.51.100.0/config",
+            r#"{"Ipnet":"198.51.100.0","Mask":"24"}"#,
+        );
         let (s, answer) = call(
             &mut p,
             "/IpamDriver.RequestPool",

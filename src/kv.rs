@@ -166,10 +166,11 @@ pub trait Kv {
     fn range(&self, range: &Range) -> Result<Vec<KeyValue>, StoreError>;
     fn txn(&self, txn: &Txn) -> Result<TxnOutcome, StoreError>;
 
-    /// Whether the original tool's keyspace (etcd v2) holds anything under `prefix`, so that
-    /// a pool it defined is not defined again blindly. A store without one says no.
-    fn original_has(&self, _prefix: &str) -> Result<bool, StoreError> {
-        Ok(false)
+    /// The keys the original tool's keyspace (etcd v2) holds under `prefix` (`mod_revision`
+    /// being v2's modifiedIndex), so that a pool it defined is not defined again blindly;
+    /// `None` when that keyspace cannot be read. A store without one holds nothing there.
+    fn original_keys(&self, _prefix: &str) -> Result<Option<Vec<KeyValue>>, StoreError> {
+        Ok(Some(Vec::new()))
     }
 }
 
@@ -180,8 +181,8 @@ impl<K: Kv + ?Sized> Kv for &K {
     fn txn(&self, txn: &Txn) -> Result<TxnOutcome, StoreError> {
         (**self).txn(txn)
     }
-    fn original_has(&self, prefix: &str) -> Result<bool, StoreError> {
-        (**self).original_has(prefix)
+    fn original_keys(&self, prefix: &str) -> Result<Option<Vec<KeyValue>>, StoreError> {
+        (**self).original_keys(prefix)
     }
 }
 
@@ -193,19 +194,36 @@ pub mod memory {
     use std::cell::{Cell, RefCell};
     use std::collections::BTreeMap;
 
-    #[derive(Default)]
     pub struct MemKv {
         data: RefCell<BTreeMap<String, (String, i64)>>,
         revision: Cell<i64>,
         /// How many calls were made: the unit tests count round trips.
         pub calls: Cell<u64>,
-        /// Keys of the original tool's v2 keyspace.
-        pub original: RefCell<Vec<String>>,
+        /// Keys and values of the original tool's v2 keyspace; `None`: not served.
+        pub original: RefCell<Option<Vec<(String, String)>>>,
+    }
+
+    impl Default for MemKv {
+        fn default() -> MemKv {
+            MemKv {
+                data: RefCell::default(),
+                revision: Cell::default(),
+                calls: Cell::default(),
+                original: RefCell::new(Some(Vec::new())),
+            }
+        }
     }
 
     impl MemKv {
         pub fn new() -> MemKv {
             MemKv::default()
+        }
+
+        /// Writes `key` into the original's v2 keyspace.
+        pub fn original_put(&self, key: &str, value: &str) {
+            if let Some(keys) = self.original.borrow_mut().as_mut() {
+                keys.push((key.into(), value.into()));
+            }
         }
 
         /// Every key and value, for before/after comparisons.
@@ -260,8 +278,17 @@ pub mod memory {
             Ok(self.read(range))
         }
 
-        fn original_has(&self, prefix: &str) -> Result<bool, StoreError> {
-            Ok(self.original.borrow().iter().any(|k| k.starts_with(prefix)))
+        fn original_keys(&self, prefix: &str) -> Result<Option<Vec<KeyValue>>, StoreError> {
+            Ok(self.original.borrow().as_ref().map(|keys| {
+                keys.iter()
+                    .filter(|(k, _)| k.starts_with(prefix))
+                    .map(|(k, v)| KeyValue {
+                        key: k.clone(),
+                        value: v.clone(),
+                        mod_revision: 1,
+                    })
+                    .collect()
+            }))
         }
 
         fn txn(&self, txn: &Txn) -> Result<TxnOutcome, StoreError> {

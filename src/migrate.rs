@@ -4,7 +4,7 @@
 //! by "v3 holds nothing for it", so the v2 data stays for going back and a second run changes
 //! nothing. Where v3 already says something else, it refuses before writing anything.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -12,7 +12,9 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::kv::{Compare, KeyValue, Kv, Op, Range, StoreError, Txn, MAX_TXN_OPS};
-use crate::layout::{ContainerConfig, HostsConfig, KeyKind, Layout, Owner, PoolKeys, Role};
+use crate::layout::{
+    describe_holder, ContainerConfig, HostsConfig, KeyKind, Layout, Owner, PoolKeys, Role,
+};
 
 /// Addresses per transaction: each needs two compares, and etcd allows 128 per list.
 const BATCH: usize = MAX_TXN_OPS / 2;
@@ -34,6 +36,9 @@ pub enum MigrateError {
     Unverified {
         problems: Vec<String>,
     },
+    /// The store failed while writing: what was written is whole (each address, configs only
+    /// after their addresses, no marker yet), and running it again finishes it.
+    Interrupted(StoreError),
     Store(StoreError),
 }
 
@@ -55,6 +60,11 @@ impl fmt::Display for MigrateError {
                 f,
                 "etcd v3 does not hold what was written: {}",
                 problems.join("; ")
+            ),
+            MigrateError::Interrupted(e) => write!(
+                f,
+                "{e}; the migration stopped part way: what it wrote is whole, and no plugin \
+                 uses a pool before its config is written: run migrate-v2 again to finish"
             ),
             MigrateError::Store(e) => write!(f, "{e}"),
         }
@@ -178,8 +188,36 @@ pub fn plan<K: Kv>(
             None => plan.ignored.push(key.key.clone()),
         }
     }
+    // Hosts and containers share one subnet: an address in both kinds of pool would go to a
+    // host and a container alike.
+    let gateway = pools
+        .get(&None)
+        .and_then(|p| p.config.as_ref())
+        .and_then(|c| HostsConfig::parse(&c.value))
+        .map(|(_, gateway)| gateway);
+    let host_addrs: BTreeSet<Ipv4Addr> = pools
+        .get(&None)
+        .map(|p| p.free.keys().chain(p.assigned.keys()).copied().collect())
+        .unwrap_or_default();
+    for (id, pool) in &pools {
+        let Some(net) = id else { continue };
+        let subnet = pool
+            .config
+            .as_ref()
+            .and_then(|c| ContainerConfig::parse(&c.value));
+        for addr in pool.free.keys().chain(pool.assigned.keys()) {
+            let skipped = subnet.is_some_and(|n| never_pooled(*addr, n, gateway));
+            if host_addrs.contains(addr) && !skipped {
+                plan.problems.push(format!(
+                    "{}: in the original's host pool and in its container pool {net}; remove \
+                     it from one of them in etcd v2 (ETCDCTL_API=2 etcdctl rm KEY)",
+                    layout.containers(*net).pool(*addr)
+                ));
+            }
+        }
+    }
     for (id, original) in pools {
-        if let Some(pool) = plan_pool(kv, layout, id, original, &mut plan)? {
+        if let Some(pool) = plan_pool(kv, layout, id, original, gateway, &mut plan)? {
             plan.pools.push(pool);
         }
     }
@@ -191,6 +229,7 @@ fn plan_pool<K: Kv>(
     layout: &Layout,
     id: Option<Ipv4Addr>,
     mut original: OriginalPool,
+    gateway: Option<Ipv4Addr>,
     plan: &mut Plan,
 ) -> Result<Option<PoolPlan>, MigrateError> {
     let (keys, config_key, role) = match id {
@@ -226,11 +265,13 @@ fn plan_pool<K: Kv>(
         None => format!("host pool {net}"),
         Some(_) => format!("container pool {net}"),
     };
+    // Unchanged in v2 since the last migration: what v3 holds now (the plugin's doing since)
+    // stands, as long as v3 still holds something for it.
     let carried = |index: i64| plan.previous_index > 0 && index <= plan.previous_index;
 
     let stored_config = kv.range(&Range::key(&config_key))?;
     let config_to_write = match stored_config.first() {
-        _ if carried(config.mod_revision) => None,
+        Some(_) if carried(config.mod_revision) => None,
         None => Some((config_key.clone(), config_value)),
         Some(stored) if stored.value == config_value => None,
         Some(stored) => {
@@ -243,7 +284,11 @@ fn plan_pool<K: Kv>(
     };
 
     let v3_free = addrs_of_dir(kv, &keys, &keys.pool_dir)?;
-    let v3_assigned = addrs_of_dir(kv, &keys, &keys.assigned_dir)?;
+    let v3_assigned: BTreeMap<Ipv4Addr, String> = kv
+        .range(&Range::prefix(&keys.assigned_dir))?
+        .into_iter()
+        .filter_map(|kv| Some((keys.addr_of(&kv.key)?, kv.value)))
+        .collect();
     let mut pool = PoolPlan {
         label,
         keys,
@@ -264,6 +309,20 @@ fn plan_pool<K: Kv>(
             ));
         }
     }
+    // The original pooled every address of a range; this tool never pools these.
+    let skipped: Vec<Ipv4Addr> = original
+        .free
+        .keys()
+        .copied()
+        .filter(|a| never_pooled(*a, net, gateway))
+        .collect();
+    for addr in skipped {
+        original.free.remove(&addr);
+        plan.notes.push(format!(
+            "{}: the network, broadcast or hosts' gateway address; not pooled",
+            pool.keys.pool(addr)
+        ));
+    }
     let all = original
         .free
         .iter()
@@ -280,19 +339,27 @@ fn plan_pool<K: Kv>(
                 .push(format!("{v2_key}: outside the pool's network {net}"));
             continue;
         }
-        if carried(index) {
+        let v3_holder = v3_assigned.get(&addr);
+        if carried(index) && (v3_free.contains(&addr) || v3_holder.is_some()) {
             pool.carried += 1;
             continue;
         }
-        match (
-            assigned,
-            v3_free.contains(&addr),
-            v3_assigned.contains(&addr),
-        ) {
-            (false, false, false) => pool.write_free.push(addr),
-            (true, false, false) => pool.write_assigned.push(addr),
+        match (assigned, v3_free.contains(&addr), v3_holder) {
+            (false, false, None) => pool.write_free.push(addr),
+            (true, false, None) => pool.write_assigned.push(addr),
             // As v2 has it, or taken in v3 since: either way nobody is handed a held address.
-            (false, _, _) | (true, false, true) => pool.already += 1,
+            (false, _, _) => pool.already += 1,
+            (true, false, Some(value))
+                if Owner::from_json(value).map_or(true, |owner| owner.is_original()) =>
+            {
+                pool.already += 1
+            }
+            (true, false, Some(value)) => plan.problems.push(format!(
+                "{}: held in etcd v3 by {}, and the original assigned it too ({v2_key}): two \
+                 containers may hold it; free one of them, then run migrate-v2 again",
+                pool.keys.assigned(addr),
+                describe_holder(value)
+            )),
             (true, true, _) => plan.problems.push(format!(
                 "{}: free in etcd v3, but the original assigned it ({v2_key}); a container may \
                  hold it. If one does, remove the v3 key (etcdctl del {}) and run migrate-v2 again",
@@ -302,6 +369,11 @@ fn plan_pool<K: Kv>(
         }
     }
     Ok(Some(pool))
+}
+
+/// The network and broadcast addresses and the hosts' gateway: never in a pool of this tool.
+fn never_pooled(addr: Ipv4Addr, net: Ipv4Net, gateway: Option<Ipv4Addr>) -> bool {
+    addr == net.network() || addr == net.broadcast() || Some(addr) == gateway
 }
 
 /// What a migration wrote.
@@ -338,16 +410,22 @@ pub fn apply<K: Kv>(kv: &K, plan: &Plan) -> Result<Written, MigrateError> {
             )
             .collect();
         for batch in writes.chunks(BATCH) {
-            if kv.txn(&guarded_puts(&pool.keys, batch))?.succeeded {
+            let outcome = kv.txn(&guarded_puts(&pool.keys, batch));
+            if outcome.map_err(MigrateError::Interrupted)?.succeeded {
                 count(&mut written, pool, batch);
                 continue;
             }
             // Something of this batch appeared in v3 meanwhile: one by one, and say which.
             for one in batch {
                 let single = std::slice::from_ref(one);
-                if kv.txn(&guarded_puts(&pool.keys, single))?.succeeded {
+                let outcome = kv.txn(&guarded_puts(&pool.keys, single));
+                if outcome.map_err(MigrateError::Interrupted)?.succeeded {
                     count(&mut written, pool, single);
-                } else if kv.range(&Range::key(&one.1))?.is_empty() {
+                } else if kv
+                    .range(&Range::key(&one.1))
+                    .map_err(MigrateError::Interrupted)?
+                    .is_empty()
+                {
                     raced.push(one.1.clone());
                 } else {
                     written.already += 1;
@@ -360,7 +438,7 @@ pub fn apply<K: Kv>(kv: &K, plan: &Plan) -> Result<Written, MigrateError> {
                 success: vec![Op::put(key, value)],
                 failure: vec![Op::Range(Range::key(key))],
             };
-            let outcome = kv.txn(&txn)?;
+            let outcome = kv.txn(&txn).map_err(MigrateError::Interrupted)?;
             match outcome.range(0).first() {
                 None => written.configs += 1,
                 Some(stored) if stored.value == *value => written.already += 1,
@@ -677,6 +755,103 @@ mod tests {
               addresses for it"
             ]
         );
+    }
+
+    fn leaf(key: &str, index: i64) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: String::new(),
+            mod_revision: index,
+        }
+    }
+
+    #[test]
+    fn what_this_tool_never_pools_is_not_migrated_as_free() {
+        let kv = MemKv::new();
+        let l = Layout::new("/t");
+        let mut v2 = original();
+        for a in ["192.0.2.0", "192.0.2.1", "192.0.2.255"] {
+            v2.push(leaf(&format!("/t/containers/192.0.2.0/pool/{a}"), 6));
+        }
+        v2.push(leaf("/t/hosts/pool/192.0.2.1", 6));
+        let plan = plan(&kv, &l, &v2, 22).unwrap();
+        assert!(plan.problems.is_empty(), "{:?}", plan.problems);
+        assert_eq!(plan.notes.len(), 4, "{:?}", plan.notes);
+        apply(&kv, &plan).unwrap();
+        let dump = kv.dump();
+        for a in ["192.0.2.0", "192.0.2.1", "192.0.2.255"] {
+            assert!(
+                !dump.iter().any(|(k, _)| k.ends_with(&format!("/pool/{a}"))),
+                "{a}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_address_in_both_kinds_of_pool_is_refused() {
+        let kv = MemKv::new();
+        let l = Layout::new("/t");
+        let mut v2 = original();
+        v2.push(leaf("/t/hosts/pool/192.0.2.104", 6));
+        let plan = plan(&kv, &l, &v2, 22).unwrap();
+        assert_eq!(
+            plan.problems,
+            [
+                "/t/containers/192.0.2.0/pool/192.0.2.104: in the original's host pool and in \
+              its container pool 192.0.2.0; remove it from one of them in etcd v2 \
+              (ETCDCTL_API=2 etcdctl rm KEY)"
+            ]
+        );
+    }
+
+    #[test]
+    fn an_address_both_this_tool_and_a_still_running_original_gave_out_is_named() {
+        let kv = MemKv::new();
+        let l = Layout::new("/t");
+        apply(&kv, &plan(&kv, &l, &original(), 22).unwrap()).unwrap();
+        // The plugin gave .102 to a container; then an original plugin on another host
+        // gave it out too, in v2.
+        let keys = l.containers(a("192.0.2.0"));
+        let ours = Owner::new(Role::Container, "h1", "02:42:00:00:00:01");
+        kv.txn(&Txn {
+            success: vec![
+                Op::delete(keys.pool(a("192.0.2.102"))),
+                Op::put(keys.assigned(a("192.0.2.102")), ours.to_json()),
+            ],
+            ..Txn::default()
+        })
+        .unwrap();
+        let mut v2 = original();
+        v2.retain(|k| !k.key.ends_with("/pool/192.0.2.102"));
+        v2.push(leaf("/t/containers/192.0.2.0/assigned/192.0.2.102", 40));
+        let later = plan(&kv, &l, &v2, 40).unwrap();
+        assert_eq!(later.problems.len(), 1, "{:?}", later.problems);
+        assert!(
+            later.problems[0].contains("held in etcd v3 by host h1 (mac 02:42:00:00:00:01)"),
+            "{}",
+            later.problems[0]
+        );
+    }
+
+    #[test]
+    fn a_network_removed_from_v3_since_is_migrated_again() {
+        let kv = MemKv::new();
+        let l = Layout::new("/t");
+        apply(&kv, &plan(&kv, &l, &original(), 22).unwrap()).unwrap();
+        let gone: Vec<Op> = kv
+            .dump()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("/t/containers/"))
+            .map(|(k, _)| Op::delete(k))
+            .collect();
+        kv.txn(&Txn {
+            success: gone,
+            ..Txn::default()
+        })
+        .unwrap();
+        let again = plan(&kv, &l, &original(), 22).unwrap();
+        let written = apply(&kv, &again).unwrap();
+        assert_eq!((written.configs, written.free, written.assigned), (1, 4, 2));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use ipnet::Ipv4Net;
 
 use crate::addr::{is_host_of, AddrRange};
 use crate::kv::{Compare, Kv, Op, Range, StoreError, Txn, MAX_TXN_OPS};
-use crate::layout::{ContainerConfig, HostsConfig, Layout, PoolKeys};
+use crate::layout::{ContainerConfig, HostsConfig, KeyKind, Layout, PoolKeys};
 
 /// Why a range could not be added.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,17 +133,17 @@ pub fn add_container_range<K: Kv>(
     {
         excluded.push(gateway);
     }
+    if range.poolable(&excluded).next().is_none() {
+        return Err(PoolError::NothingToPool);
+    }
     let host_addrs = addrs_in(kv, &hosts)?;
     refuse_overlap(range, &host_addrs, "the host range")?;
 
     let config_key = layout.container_config(range.net.network());
     let config = json(&ContainerConfig::new(range.net));
-    check_config(
-        kv,
-        &config_key,
-        &config,
-        &layout.container_dir(range.net.network()),
-    )?;
+    if check_config(kv, &config_key, &config)? {
+        refuse_unmigrated(original_network(kv, layout, range.net)?)?;
+    }
     let keys = layout.containers(range.net.network());
     fill(
         kv,
@@ -169,6 +169,9 @@ pub fn add_host_range<K: Kv>(
             subnet: range.net,
         });
     }
+    if range.poolable(&[gateway]).next().is_none() {
+        return Err(PoolError::NothingToPool);
+    }
     let containers = layout.containers(range.net.network());
     let container_addrs = addrs_in(kv, &containers)?;
     refuse_overlap(range, &container_addrs, "the container pool")?;
@@ -178,7 +181,14 @@ pub fn add_host_range<K: Kv>(
 
     let config_key = layout.hosts_config();
     let config = json(&HostsConfig::new(range.net, gateway));
-    check_config(kv, &config_key, &config, &layout.hosts_dir())?;
+    if check_config(kv, &config_key, &config)? {
+        let check = match kv.original_keys(&layout.hosts_dir())? {
+            None => Original::Unchecked,
+            Some(keys) if keys.is_empty() => Original::Clear,
+            Some(_) => Original::Defines(layout.hosts_dir()),
+        };
+        refuse_unmigrated(check)?;
+    }
     fill(
         kv,
         &layout.hosts(),
@@ -222,25 +232,82 @@ fn refuse_overlap(
     }
 }
 
-/// Refuses early if the config key holds something other than `wanted`, or if it is absent
-/// while the original's v2 data defines the pool (`original_dir`): that needs `migrate-v2`.
-fn check_config<K: Kv>(
-    kv: &K,
-    key: &str,
-    wanted: &str,
-    original_dir: &str,
-) -> Result<(), PoolError> {
+/// Refuses early if the config key holds something other than `wanted`; whether it is
+/// absent (a pool defined anew).
+fn check_config<K: Kv>(kv: &K, key: &str, wanted: &str) -> Result<bool, PoolError> {
     match kv.range(&Range::key(key))?.first() {
         Some(stored) if stored.value != wanted => Err(PoolError::ConfigMismatch {
             key: key.into(),
             stored: stored.value.clone(),
             wanted: wanted.into(),
         }),
-        Some(_) => Ok(()),
-        None if kv.original_has(original_dir)? => Err(PoolError::DefinedByOriginal {
-            dir: original_dir.into(),
-        }),
-        None => Ok(()),
+        Some(_) => Ok(false),
+        None => Ok(true),
+    }
+}
+
+/// What the original tool's v2 data says of a network about to be defined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Original {
+    /// Nothing of it overlaps, or what does is in v3 already.
+    Clear,
+    /// etcd does not serve its v2 API: the original's data, if any, cannot be read.
+    Unchecked,
+    /// The original defined an overlapping network (this directory) that v3 does not.
+    Defines(String),
+}
+
+/// Whether the original's v2 data holds a container network overlapping `net` (any mask)
+/// that etcd v3 does not define yet: defining `net` then would pool addresses its
+/// containers hold.
+pub fn original_network<K: Kv>(
+    kv: &K,
+    layout: &Layout,
+    net: Ipv4Net,
+) -> Result<Original, StoreError> {
+    let root = format!("{}/containers/", layout.prefix());
+    let Some(keys) = kv.original_keys(&root)? else {
+        return Ok(Original::Unchecked);
+    };
+    let mut overlapping = std::collections::BTreeSet::new();
+    for key in &keys {
+        let id = match layout.classify(&key.key) {
+            Some(KeyKind::ContainerConfig(id)) => match ContainerConfig::parse(&key.value) {
+                Some(theirs) if theirs.contains(&net.network()) || net.contains(&id) => id,
+                _ => continue,
+            },
+            Some(KeyKind::Free(Some(id), addr) | KeyKind::Assigned(Some(id), addr))
+                if net.contains(&addr) =>
+            {
+                id
+            }
+            _ => continue,
+        };
+        overlapping.insert(id);
+    }
+    for id in overlapping {
+        if kv
+            .range(&Range::key(layout.container_config(id)))?
+            .is_empty()
+        {
+            return Ok(Original::Defines(layout.container_dir(id)));
+        }
+    }
+    Ok(Original::Clear)
+}
+
+fn refuse_unmigrated(check: Original) -> Result<(), PoolError> {
+    match check {
+        Original::Clear => Ok(()),
+        Original::Unchecked => {
+            log::warn!(
+                "etcd does not serve its v2 API, so whether the original tool defined this \
+                 network there cannot be checked; if it did, start etcd with --enable-v2=true \
+                 and run 'oam-docker-ipam migrate-v2' first"
+            );
+            Ok(())
+        }
+        Original::Defines(dir) => Err(PoolError::DefinedByOriginal { dir }),
     }
 }
 
@@ -255,9 +322,6 @@ fn fill<K: Kv>(
     progress: Progress,
     (config_key, config): (&str, &str),
 ) -> Result<AddReport, PoolError> {
-    if range.poolable(excluded).next().is_none() {
-        return Err(PoolError::NothingToPool);
-    }
     let free: HashSet<Ipv4Addr> = addrs_of_dir(kv, keys, &keys.pool_dir)?;
     let used: HashSet<Ipv4Addr> = addrs_of_dir(kv, keys, &keys.assigned_dir)?;
     let mut report = AddReport::default();
@@ -460,17 +524,26 @@ mod tests {
     fn a_pool_only_the_original_defined_is_not_defined_again() {
         let kv = MemKv::new();
         let l = Layout::new("/t");
-        kv.original
-            .borrow_mut()
-            .push("/t/containers/192.0.2.0/assigned/192.0.2.100".into());
-        kv.original.borrow_mut().push("/t/hosts/config".into());
-        let err = add_container_range(&kv, &l, range("192.0.2.1/24", "192.0.2.9/24"), &mut quiet());
-        assert_eq!(
-            err,
-            Err(PoolError::DefinedByOriginal {
-                dir: "/t/containers/192.0.2.0".into()
-            })
+        kv.original_put(
+            "/t/containers/192.0.2.0/config",
+            r#"{"Ipnet":"192.0.2.0","Mask":"24"}"#,
         );
+        kv.original_put("/t/containers/192.0.2.0/assigned/192.0.2.100", "");
+        kv.original_put("/t/hosts/config", "");
+        let refused = Err(PoolError::DefinedByOriginal {
+            dir: "/t/containers/192.0.2.0".into(),
+        });
+        // The same network, and overlapping ones of other masks.
+        for (a, b) in [
+            ("192.0.2.1/24", "192.0.2.9/24"),
+            ("192.0.2.100/22", "192.0.2.102/22"),
+            ("192.0.2.130/25", "192.0.2.140/25"),
+        ] {
+            assert_eq!(
+                add_container_range(&kv, &l, range(a, b), &mut quiet()),
+                refused
+            );
+        }
         let err = add_host_range(
             &kv,
             &l,
@@ -491,6 +564,9 @@ mod tests {
             &mut quiet(),
         )
         .unwrap();
+        // With no v2 keyspace to read, it goes ahead (and says it could not check).
+        *kv.original.borrow_mut() = None;
+        add_container_range(&kv, &l, range("192.0.2.1/24", "192.0.2.9/24"), &mut quiet()).unwrap();
     }
 
     #[test]

@@ -220,7 +220,8 @@ fn upgrades_over_the_original_and_over_itself_and_erases_cleanly() {
     let conf = "/etc/oam-docker-ipam/oam-docker-ipam.conf";
     std::fs::write(
         root.path(conf),
-        "# [ipam]\nIPAM_DEBUG=false\nIPAM_CLUSTER_STORE=\"http://192.0.2.53:2379,http://192.0.2.54:2379\"\n",
+        // Spellings systemd's EnvironmentFile takes: spaces, export, quotes, a comment.
+        "# [ipam]\nIPAM_DEBUG = false\nexport IPAM_CLUSTER_STORE=\"http://192.0.2.53:2379,http://192.0.2.54:2379\"   # prod\n",
     )
     .unwrap();
 
@@ -287,6 +288,25 @@ fn upgrades_over_the_original_and_over_itself_and_erases_cleanly() {
         root.read("/etc/sysconfig/oam-docker-ipam.rpmsave"),
         sysconfig
     );
+
+    // Back to the original: it is whole again, and nothing of ours is left behind.
+    let back = ScratchRoot::new("rpm-downgrade");
+    back.rpm(&["-i", "--nodeps", original.to_str().unwrap()]);
+    back.rpm(&["-U", "--nodeps", &ours]);
+    back.rpm(&["-U", "--oldpackage", "--nodeps", original.to_str().unwrap()]);
+    assert_eq!(
+        back.rpm(&["-q", "oam-docker-ipam"]).trim(),
+        "oam-docker-ipam-1.0.0-1.el7.centos.x86_64"
+    );
+    assert!(back.path("/usr/bin/oam-docker-ipam").is_file());
+    for gone in [
+        "/usr/bin/.oam-docker-ipam.rpm-upgrade",
+        "/usr/lib/systemd/system/.oam-docker-ipam.service.rpm-upgrade",
+        "/var/lib/rpm-state/oam-docker-ipam",
+        "/usr/lib/systemd/system/oam-docker-ipam.socket",
+    ] {
+        assert!(!back.path(gone).exists(), "{gone} is left after going back");
+    }
 
     // A fresh install carries nothing and verifies clean.
     let fresh = ScratchRoot::new("rpm-fresh");

@@ -10,12 +10,17 @@ cargo build --release --locked
 bin="$PWD/target/release/oam-docker-ipam"
 
 etcd_pid=""
+plugin=""
 data=""
+# Runs on every exit, Ctrl-C included; nothing in it may stop it early under set -e.
 cleanup() {
-    if [[ -n "$etcd_pid" ]]; then kill "$etcd_pid" 2>/dev/null || true; wait "$etcd_pid" 2>/dev/null || true; fi
+    set +e
+    if [[ -n "$plugin" ]]; then kill "$plugin" 2>/dev/null; wait "$plugin" 2>/dev/null; fi
+    if [[ -n "$etcd_pid" ]]; then kill "$etcd_pid" 2>/dev/null; wait "$etcd_pid" 2>/dev/null; fi
     if [[ -n "$data" ]]; then rm -rf "$data"; fi
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 first="${store%%,*}"
 if ! curl -fsS --max-time 2 "$first/health" >/dev/null 2>&1; then
@@ -33,5 +38,11 @@ fi
 echo "plugin: $bin --cluster-store $store server $*  (Ctrl-C stops it)"
 "$bin" --cluster-store "$store" --debug server "$@" &
 plugin=$!
-trap 'kill $plugin 2>/dev/null; wait $plugin; cleanup' EXIT INT TERM
+cat <<EOF
+Next, in another shell: define the pools, then a Docker network that uses the plugin:
+  $bin --cluster-store $store host-range --ip-start 192.0.2.54/24 --ip-end 192.0.2.58/24 --gateway 192.0.2.1
+  $bin --cluster-store $store ip-range --ip-start 192.0.2.100/24 --ip-end 192.0.2.200/24
+  docker network create --ipam-driver talkingdata --subnet 192.0.2.0/24 --gateway 192.0.2.54 mynet
+  docker run --rm --network mynet IMAGE ip addr     # or: oam-docker-ipam create-network (README)
+EOF
 wait "$plugin"

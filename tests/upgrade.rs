@@ -87,6 +87,19 @@ fn the_originals_pools_migrate_once_and_what_it_assigned_stays_taken() {
         "192.0.2.1",
     ];
     fails(cli(url, PREFIX, &hosts), 1, "(/talkingdata/hosts): run");
+    // Nor under another mask that overlaps it.
+    let wider = [
+        "ip-range",
+        "--ip-start",
+        "192.0.2.100/22",
+        "--ip-end",
+        "192.0.2.102/22",
+    ];
+    fails(
+        cli(url, PREFIX, &wider),
+        1,
+        "(/talkingdata/containers/192.0.2.0): run",
+    );
     let dir = TempDir::new("upgrade-sock");
     let socket = dir.join("talkingdata.sock");
     {
@@ -217,8 +230,25 @@ fn an_etcd_without_the_v2_api_is_named() {
         1,
         "etcd does not serve its v2 API",
     );
-    // Nothing to guard against there: pools are defined as usual.
-    ip_range(&etcd.url, &p, "192.0.2.100/24", "192.0.2.102/24");
+    // Nothing can be checked there: pools are defined as usual, with a warning.
+    let out = cli(
+        &etcd.url,
+        &p,
+        &[
+            "ip-range",
+            "--ip-start",
+            "192.0.2.100/24",
+            "--ip-end",
+            "192.0.2.102/24",
+        ],
+    );
+    assert!(
+        common::stderr(&out)
+            .contains("whether the original tool defined this network there cannot be checked"),
+        "{}",
+        common::stderr(&out)
+    );
+    assert!(ok(out).contains("3 added"));
 }
 
 /// A host in a network namespace: a bridge carrying `cidr`, and a veth pair to the root
