@@ -187,12 +187,7 @@ impl Client {
             .get("X-Etcd-Index")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<i64>().ok());
-        let bytes = answer
-            .body_mut()
-            .with_config()
-            .limit(MAX_ANSWER_BYTES)
-            .read_to_vec()
-            .map_err(transport_reason)?;
+        let bytes = body_of(&mut answer)?;
         let bad = |reason: String| {
             Attempt::Fail(Error::BadAnswer {
                 endpoint: endpoint.into(),
@@ -239,12 +234,7 @@ impl Client {
             .send(body)
             .map_err(transport_reason)?;
         let status = answer.status().as_u16();
-        let bytes = answer
-            .body_mut()
-            .with_config()
-            .limit(MAX_ANSWER_BYTES)
-            .read_to_vec()
-            .map_err(transport_reason)?;
+        let bytes = body_of(&mut answer)?;
         if status == 200 {
             return serde_json::from_slice(&bytes).map_err(|e| {
                 Attempt::Fail(Error::BadAnswer {
@@ -368,6 +358,16 @@ fn gateway_prefix(version: &str) -> &'static str {
         (Some(3), Some(3)) => "/v3beta",
         _ => "/v3",
     }
+}
+
+/// An answer's body, at most `MAX_ANSWER_BYTES`.
+fn body_of(answer: &mut ureq::http::Response<ureq::Body>) -> Result<Vec<u8>, Attempt> {
+    answer
+        .body_mut()
+        .with_config()
+        .limit(MAX_ANSWER_BYTES)
+        .read_to_vec()
+        .map_err(transport_reason)
 }
 
 /// A transport failure, worded for a person, as a reason to try the next endpoint.

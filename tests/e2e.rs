@@ -512,19 +512,25 @@ fn one_host_allocates_from_etcd_and_gives_addresses_back() {
     assert_eq!(held[&ip1]["Mac"], mac1.as_str());
     assert_eq!(held[&ip1]["Role"], "container");
 
-    host.docker_ok(&words(
-        "run -d --name c2 --network mynet --ip 192.0.2.150 bb:latest sleep 1000",
-    ));
-    assert_eq!(host.addr_of("c2").0, "192.0.2.150");
-    let taken = host.docker(&words(
-        "run -d --name c3 --network mynet --ip 192.0.2.150 bb:latest sleep 1000",
-    ));
+    // c1's address is random: ask for one it does not hold.
+    let fixed = if ip1 == "192.0.2.150" {
+        "192.0.2.151"
+    } else {
+        "192.0.2.150"
+    };
+    host.docker_ok(&words(&format!(
+        "run -d --name c2 --network mynet --ip {fixed} bb:latest sleep 1000"
+    )));
+    assert_eq!(host.addr_of("c2").0, fixed);
+    let taken = host.docker(&words(&format!(
+        "run -d --name c3 --network mynet --ip {fixed} bb:latest sleep 1000"
+    )));
     assert_eq!(taken.status.code(), Some(125));
     let err = stderr(&taken);
     assert!(
-        err.contains(
-            "IpamDriver.RequestAddress: 192.0.2.150 is already in use by host hostA (mac "
-        ),
+        err.contains(&format!(
+            "IpamDriver.RequestAddress: {fixed} is already in use by host hostA (mac "
+        )),
         "{err}"
     );
 
