@@ -4,7 +4,7 @@
 //! by "v3 holds nothing for it", so the v2 data stays for going back and a second run changes
 //! nothing. Where v3 already says something else, it refuses before writing anything.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -15,6 +15,7 @@ use crate::kv::{Compare, KeyValue, Kv, Op, Range, StoreError, Txn, MAX_TXN_OPS};
 use crate::layout::{
     describe_holder, ContainerConfig, HostsConfig, KeyKind, Layout, Owner, PoolKeys, Role,
 };
+use crate::pools::{addrs_of_dir, json};
 
 /// Addresses per transaction: each needs two compares, and etcd allows 128 per list.
 const BATCH: usize = MAX_TXN_OPS / 2;
@@ -536,20 +537,6 @@ pub fn counts<K: Kv>(kv: &K, plan: &Plan) -> Result<Vec<(String, usize, usize)>,
         out.push((pool.label.clone(), free.len(), assigned.len()));
     }
     Ok(out)
-}
-
-fn addrs_of_dir<K: Kv>(
-    kv: &K,
-    keys: &PoolKeys,
-    dir: &str,
-) -> Result<HashSet<Ipv4Addr>, StoreError> {
-    let kvs = kv.range(&Range::prefix(dir).keys_only())?;
-    Ok(kvs.iter().filter_map(|kv| keys.addr_of(&kv.key)).collect())
-}
-
-fn json<T: Serialize>(value: &T) -> String {
-    // Serializing a struct of strings cannot fail.
-    serde_json::to_string(value).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -199,7 +199,8 @@ pub fn add_host_range<K: Kv>(
     )
 }
 
-fn json<T: serde::Serialize>(value: &T) -> String {
+/// A config or record as stored: JSON of a struct of strings.
+pub(crate) fn json<T: serde::Serialize>(value: &T) -> String {
     // Serializing a struct of strings cannot fail.
     serde_json::to_string(value).unwrap_or_default()
 }
@@ -387,7 +388,12 @@ fn fill<K: Kv>(
     Ok(report)
 }
 
-fn addrs_of_dir<K: Kv>(kv: &K, keys: &PoolKeys, dir: &str) -> Result<HashSet<Ipv4Addr>, PoolError> {
+/// The addresses named by the keys of one of a pool's directories.
+pub(crate) fn addrs_of_dir<K: Kv>(
+    kv: &K,
+    keys: &PoolKeys,
+    dir: &str,
+) -> Result<HashSet<Ipv4Addr>, StoreError> {
     let kvs = kv.range(&Range::prefix(dir).keys_only())?;
     Ok(kvs.iter().filter_map(|kv| keys.addr_of(&kv.key)).collect())
 }
