@@ -2,6 +2,11 @@
 //! random or a given address, reserving one for a role, releasing one. Every move is ONE
 //! compare-and-swap transaction, so an address is never in both directories nor in neither,
 //! whoever else writes at the same time.
+//!
+//! A transaction etcd was sent but did not answer may have been applied. Each one here can be
+//! sent again as it is and its answer then tells what happened (its own earlier success shows as
+//! its own unique owner value), so the allocator resends it until answered, within the
+//! allocation's time bound. What is still unanswered then is kept and settled once etcd answers.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -10,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::Ipv4Net;
 
-use crate::kv::{prefix_end, Compare, KeyValue, Kv, Op, Range, StoreError, Txn};
+use crate::kv::{prefix_end, Compare, KeyValue, Kv, Op, Range, StoreError, Txn, TxnOutcome};
 use crate::layout::{describe_holder, Owner, PoolKeys, Role};
 
 /// How many free keys one look at a window brings back as candidates.
@@ -21,6 +26,16 @@ const MAX_ATTEMPTS: u32 = 32;
 
 /// Wall-clock bound of one allocation, so that Docker never waits on us for long.
 const MAX_ALLOCATION_TIME: Duration = Duration::from_secs(10);
+
+/// Pause before resending a transaction whose outcome is unknown.
+const RESEND_PAUSE: Duration = Duration::from_millis(100);
+
+/// How long an unanswered transaction is resent before the request is answered as failed (and
+/// the change left to settle later): every request queued behind it waits this long too.
+const RESEND_WINDOW: Duration = Duration::from_secs(3);
+
+/// Least time between two tries at settling what is left unanswered.
+const SETTLE_PAUSE: Duration = Duration::from_secs(1);
 
 /// Why an address could not be taken, reserved or released.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +50,9 @@ pub enum AllocError {
     Contended { net: Ipv4Net, attempts: u32 },
     /// The store failed.
     Store(StoreError),
+    /// etcd did not answer within the allocation's time bound whether a change was applied;
+    /// it is kept and settled once etcd answers (`what` says how).
+    Unsettled { why: StoreError, what: String },
 }
 
 impl fmt::Display for AllocError {
@@ -51,6 +69,7 @@ impl fmt::Display for AllocError {
                  concurrent requests"
             ),
             AllocError::Store(e) => write!(f, "{e}"),
+            AllocError::Unsettled { why, what } => write!(f, "{why}; {what}"),
         }
     }
 }
@@ -85,6 +104,46 @@ pub enum Released {
     Kept { holder: String },
 }
 
+/// A change etcd never answered for, and Docker was told failed: to be settled once etcd
+/// answers, so that no address stays held by no one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unsettled {
+    /// A taking for `value` that may have been applied: if it was, give the address back.
+    Take {
+        keys: PoolKeys,
+        addr: Ipv4Addr,
+        value: String,
+    },
+    /// A container's release on `host`: free the address if it is still that holder's record,
+    /// the one read at `mod_revision` if it was read, else one made before `asked` (RFC 3339).
+    Release {
+        keys: PoolKeys,
+        addr: Ipv4Addr,
+        host: String,
+        mod_revision: Option<i64>,
+        asked: String,
+    },
+}
+
+impl fmt::Display for Unsettled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unsettled::Take { keys, addr, value } => write!(
+                f,
+                "{} may hold {value} for a request that was told it failed",
+                keys.assigned(*addr)
+            ),
+            Unsettled::Release {
+                keys, addr, host, ..
+            } => write!(
+                f,
+                "{} was released by Docker on host {host} but etcd did not free it",
+                keys.assigned(*addr)
+            ),
+        }
+    }
+}
+
 /// Takes and releases addresses of pools in a store. Remembers free candidates it has seen,
 /// so that most random allocations cost one transaction.
 pub struct Allocator<K> {
@@ -92,6 +151,14 @@ pub struct Allocator<K> {
     /// Per pool directory: addresses seen free in `pool/` lately.
     candidates: HashMap<String, Vec<Ipv4Addr>>,
     rng: u64,
+    /// Changes etcd left unanswered, oldest first.
+    unsettled: Vec<Unsettled>,
+    /// When settling them was last tried.
+    settled_at: Option<Instant>,
+    /// Bound of one request ([`MAX_ALLOCATION_TIME`]; shorter in unit tests).
+    time_limit: Duration,
+    /// [`RESEND_WINDOW`]; shorter in unit tests.
+    resend_window: Duration,
 }
 
 impl<K: Kv> Allocator<K> {
@@ -104,6 +171,167 @@ impl<K: Kv> Allocator<K> {
             kv,
             candidates: HashMap::new(),
             rng: seed | 1,
+            unsettled: Vec::new(),
+            settled_at: None,
+            time_limit: MAX_ALLOCATION_TIME,
+            resend_window: RESEND_WINDOW,
+        }
+    }
+
+    /// Changes etcd has not answered for yet.
+    pub fn unsettled(&self) -> &[Unsettled] {
+        &self.unsettled
+    }
+
+    /// Runs `txn`; if etcd may have applied it without answering, sends it again (each
+    /// transaction here tells its own earlier success in its answer) until etcd answers or
+    /// `deadline` passes. A first failure that proves nothing was sent is returned at once.
+    fn txn_answered(&self, txn: &Txn, deadline: Instant) -> Result<TxnOutcome, StoreError> {
+        self.txn_resent(txn, deadline).map(|(outcome, _)| outcome)
+    }
+
+    /// [`Self::txn_answered`], and whether the answer is to a resend (an earlier send may have
+    /// been applied).
+    fn txn_resent(&self, txn: &Txn, deadline: Instant) -> Result<(TxnOutcome, bool), StoreError> {
+        let mut unanswered = None;
+        let mut deadline = deadline;
+        loop {
+            match self.kv.txn(txn) {
+                Ok(outcome) => return Ok((outcome, unanswered.is_some())),
+                Err(e @ StoreError::OutcomeUnknown(_)) => {
+                    if unanswered.is_none() {
+                        deadline = deadline.min(Instant::now() + self.resend_window);
+                    }
+                    unanswered = Some(e)
+                }
+                // Once one may have been applied, only an answer settles it.
+                Err(StoreError::Unreachable(why)) if unanswered.is_some() => {
+                    log::debug!("resending an unanswered change: {why}");
+                }
+                Err(e) => return Err(e),
+            }
+            if Instant::now() + RESEND_PAUSE > deadline {
+                return Err(unanswered.unwrap_or_else(|| StoreError::Unreachable(String::new())));
+            }
+            std::thread::sleep(RESEND_PAUSE);
+        }
+    }
+
+    /// Tries once more whatever etcd left unanswered, at most every [`SETTLE_PAUSE`]; keeps
+    /// what it still cannot settle.
+    pub fn settle(&mut self) {
+        if self.unsettled.is_empty() || self.settled_at.is_some_and(|t| t.elapsed() < SETTLE_PAUSE)
+        {
+            return;
+        }
+        self.settled_at = Some(Instant::now());
+        let mut left = Vec::new();
+        for item in std::mem::take(&mut self.unsettled) {
+            match self.settle_one(&item) {
+                Ok(done) => log::info!("settled: {item}: {done}"),
+                Err(e) => {
+                    log::debug!("not settled yet: {item}: {e}");
+                    left.push(item);
+                }
+            }
+        }
+        self.unsettled = left;
+    }
+
+    fn settle_one(&mut self, item: &Unsettled) -> Result<&'static str, StoreError> {
+        match item {
+            Unsettled::Take { keys, addr, value } => {
+                // Sending the same taking again settles whether the first one was applied: it
+                // cannot be applied after this is answered.
+                let txn = take_txn(keys, *addr, value, vec![]);
+                let txn = Txn {
+                    success: [
+                        txn.success,
+                        vec![Op::Range(Range::key(keys.assigned(*addr)))],
+                    ]
+                    .concat(),
+                    failure: vec![Op::Range(Range::key(keys.assigned(*addr)))],
+                    ..txn
+                };
+                let outcome = self.kv.txn(&txn)?;
+                let held = outcome.range(0).first();
+                match held {
+                    Some(kv) if kv.value == *value => {
+                        if self.free_if_unchanged(keys, *addr, kv.mod_revision)? {
+                            Ok("given back to the pool")
+                        } else {
+                            Ok("changed by someone else meanwhile: left as it is")
+                        }
+                    }
+                    _ => Ok("it was never applied"),
+                }
+            }
+            Unsettled::Release {
+                keys,
+                addr,
+                host,
+                mod_revision,
+                asked,
+            } => {
+                let held = self.kv.range(&Range::key(keys.assigned(*addr)))?;
+                let Some(held) = held.first() else {
+                    return Ok("it is free");
+                };
+                let same = match mod_revision {
+                    Some(rev) => held.mod_revision == *rev,
+                    None => Owner::from_json(&held.value).is_some_and(|o| {
+                        o.role == Role::Container
+                            && (o.host == *host || o.is_original())
+                            && o.since.as_str() <= asked.as_str()
+                    }),
+                };
+                if same && self.free_if_unchanged(keys, *addr, held.mod_revision)? {
+                    Ok("freed")
+                } else {
+                    Ok("held anew since: left as it is")
+                }
+            }
+        }
+    }
+
+    /// Moves `addr` back to `pool/` if its record is unchanged since `mod_revision`.
+    fn free_if_unchanged(
+        &self,
+        keys: &PoolKeys,
+        addr: Ipv4Addr,
+        mod_revision: i64,
+    ) -> Result<bool, StoreError> {
+        let txn = Txn {
+            compares: vec![Compare::ModRevision(keys.assigned(addr), mod_revision)],
+            success: vec![
+                Op::delete(keys.assigned(addr)),
+                Op::put(keys.pool(addr), ""),
+            ],
+            failure: vec![Op::Range(Range::key(keys.assigned(addr)))],
+        };
+        let outcome = self.kv.txn(&txn)?;
+        // Not succeeded and gone: an earlier, unanswered try of this same move was applied.
+        Ok(outcome.succeeded || outcome.range(0).is_empty())
+    }
+
+    /// Keeps a taking that stayed unanswered, and says so in the error.
+    fn unsettled_take(
+        &mut self,
+        why: StoreError,
+        keys: &PoolKeys,
+        addr: Ipv4Addr,
+        value: &str,
+    ) -> AllocError {
+        let item = Unsettled::Take {
+            keys: keys.clone(),
+            addr,
+            value: value.into(),
+        };
+        log::warn!("{item}: it will be given back once etcd answers");
+        self.unsettled.push(item);
+        AllocError::Unsettled {
+            why,
+            what: format!("{addr} will be given back to the pool once etcd answers"),
         }
     }
 
@@ -148,10 +376,10 @@ impl<K: Kv> Allocator<K> {
         net: Ipv4Net,
         owner: &Owner,
     ) -> Result<Ipv4Addr, AllocError> {
-        let started = Instant::now();
+        let deadline = Instant::now() + self.time_limit;
         let value = owner.to_json();
         for _ in 0..MAX_ATTEMPTS {
-            if started.elapsed() > MAX_ALLOCATION_TIME {
+            if Instant::now() > deadline {
                 break;
             }
             let addr = self.candidate(keys, net);
@@ -169,11 +397,17 @@ impl<K: Kv> Allocator<K> {
                     Op::Range(Range::key(keys.assigned(addr))),
                 ],
             );
-            let outcome = self.kv.txn(&txn)?;
+            let outcome = match self.txn_answered(&txn, deadline) {
+                Ok(outcome) => outcome,
+                Err(e @ StoreError::OutcomeUnknown(_)) => {
+                    return Err(self.unsettled_take(e, keys, addr, &value))
+                }
+                Err(e) => return Err(e.into()),
+            };
             if outcome.succeeded {
                 return Ok(addr);
             }
-            // A write of ours that timed out may have been applied after all.
+            // An earlier, unanswered send of this transaction was applied.
             if outcome.range(1).first().is_some_and(|kv| kv.value == value) {
                 return Ok(addr);
             }
@@ -222,13 +456,22 @@ impl<K: Kv> Allocator<K> {
         owner: &Owner,
     ) -> Result<Taken, AllocError> {
         let held = vec![Op::Range(Range::key(keys.assigned(addr)))];
-        let txn = take_txn(keys, addr, &owner.to_json(), held);
-        let outcome = self.kv.txn(&txn)?;
+        let value = owner.to_json();
+        let txn = take_txn(keys, addr, &value, held);
+        let outcome = match self.txn_answered(&txn, Instant::now() + self.time_limit) {
+            Ok(outcome) => outcome,
+            Err(e @ StoreError::OutcomeUnknown(_)) => {
+                return Err(self.unsettled_take(e, keys, addr, &value))
+            }
+            Err(e) => return Err(e.into()),
+        };
         if outcome.succeeded {
             return Ok(Taken::New);
         }
         match outcome.range(0).first() {
             None => Err(AllocError::NotInPool { addr, net }),
+            // An earlier, unanswered send of this transaction was applied.
+            Some(held) if held.value == value => Ok(Taken::New),
             Some(held) => match Owner::from_json(&held.value) {
                 Some(h) if h.role == owner.role && h.host == owner.host && h.mac == owner.mac => {
                     Ok(Taken::AlreadyYours)
@@ -251,9 +494,16 @@ impl<K: Kv> Allocator<K> {
         owner: &Owner,
     ) -> Result<(), AllocError> {
         let held = vec![Op::Range(Range::key(keys.assigned(addr)))];
-        let txn = take_txn(keys, addr, &owner.to_json(), held);
-        let outcome = self.kv.txn(&txn)?;
-        if outcome.succeeded {
+        let value = owner.to_json();
+        let txn = take_txn(keys, addr, &value, held);
+        let outcome = match self.txn_answered(&txn, Instant::now() + self.time_limit) {
+            Ok(outcome) => outcome,
+            Err(e @ StoreError::OutcomeUnknown(_)) => {
+                return Err(self.unsettled_take(e, keys, addr, &value))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if outcome.succeeded || outcome.range(0).first().is_some_and(|kv| kv.value == value) {
             log::info!(
                 "reserved {addr} for {} (taken out of the pool)",
                 owner.role.as_str()
@@ -275,22 +525,46 @@ impl<K: Kv> Allocator<K> {
 
     /// Gives back an address a container on `host` held (Docker's ReleaseAddress). Addresses
     /// reserved for another role, held by another host, or not held at all stay as they are.
+    /// A release etcd leaves unanswered is kept and finished once etcd answers: Docker does not
+    /// ask twice.
     pub fn release_container(
         &mut self,
         keys: &PoolKeys,
         addr: Ipv4Addr,
         host: &str,
     ) -> Result<Released, AllocError> {
+        let deadline = Instant::now() + self.time_limit;
+        let asked = crate::layout::rfc3339_now();
+        // The record read last, and whether a move of it went unanswered (maybe applied).
+        let mut read: Option<KeyValue> = None;
+        let mut unanswered = false;
         // Read, then move only if unchanged since the read: a concurrent re-take is never undone.
         for _ in 0..MAX_ATTEMPTS {
-            let Some(held) = self
-                .kv
-                .range(&Range::key(keys.assigned(addr)))?
-                .into_iter()
-                .next()
-            else {
-                return Ok(Released::Unknown);
+            let found = match self.kv.range(&Range::key(keys.assigned(addr))) {
+                Ok(found) => found,
+                Err(e) => {
+                    let mod_revision = read.as_ref().map(|kv| kv.mod_revision);
+                    return Err(self.unsettled_release(e, keys, addr, host, mod_revision, asked));
+                }
             };
+            let Some(held) = found.into_iter().next() else {
+                return Ok(match (unanswered, read) {
+                    // Gone after our unanswered move: that move was applied.
+                    (true, Some(kv)) => Released::Freed {
+                        holder: describe_holder(&kv.value),
+                    },
+                    _ => Released::Unknown,
+                });
+            };
+            // Our unanswered move was applied and the address taken again since: the new
+            // holder is not the one Docker released.
+            if unanswered {
+                return Ok(Released::Freed {
+                    holder: read
+                        .map(|kv| describe_holder(&kv.value))
+                        .unwrap_or_default(),
+                });
+            }
             if let Some(owner) = Owner::from_json(&held.value) {
                 // The original recorded no host: whichever host's Docker releases one of its
                 // containers' addresses is the one that had it.
@@ -310,16 +584,59 @@ impl<K: Kv> Allocator<K> {
                 ],
                 failure: vec![],
             };
-            if self.kv.txn(&txn)?.succeeded {
-                return Ok(Released::Freed {
-                    holder: describe_holder(&held.value),
-                });
+            let mod_revision = held.mod_revision;
+            read = Some(held);
+            match self.txn_resent(&txn, deadline) {
+                Ok((outcome, _)) if outcome.succeeded => {
+                    return Ok(Released::Freed {
+                        holder: read
+                            .map(|kv| describe_holder(&kv.value))
+                            .unwrap_or_default(),
+                    })
+                }
+                // Changed since the read, by someone else or by an earlier send: read again.
+                Ok((_, resent)) => unanswered = resent,
+                Err(e) => {
+                    return Err(self.unsettled_release(
+                        e,
+                        keys,
+                        addr,
+                        host,
+                        Some(mod_revision),
+                        asked,
+                    ))
+                }
             }
         }
         Err(AllocError::Contended {
             net: Ipv4Net::from(addr),
             attempts: MAX_ATTEMPTS,
         })
+    }
+
+    /// Keeps a release etcd did not answer, to finish it once etcd answers.
+    fn unsettled_release(
+        &mut self,
+        why: StoreError,
+        keys: &PoolKeys,
+        addr: Ipv4Addr,
+        host: &str,
+        mod_revision: Option<i64>,
+        asked: String,
+    ) -> AllocError {
+        let item = Unsettled::Release {
+            keys: keys.clone(),
+            addr,
+            host: host.into(),
+            mod_revision,
+            asked,
+        };
+        log::warn!("{item}: it will be freed once etcd answers");
+        self.unsettled.push(item);
+        AllocError::Unsettled {
+            why,
+            what: format!("{addr} will be freed once etcd answers"),
+        }
     }
 
     /// Replaces the record of `addr` in `assigned/` with `value` if it is unchanged since
@@ -401,7 +718,7 @@ fn addrs_of(keys: &PoolKeys, kvs: &[KeyValue]) -> Vec<Ipv4Addr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::memory::MemKv;
+    use crate::kv::memory::{Fault, MemKv};
     use crate::layout::Layout;
     use std::collections::HashSet;
 
@@ -510,8 +827,10 @@ mod tests {
             alloc.take(&keys, n, a("192.0.2.99"), &first),
             Ok(Taken::New)
         );
+        // Docker asking again: a new request of the same container.
+        let retry = owner("02:42:00:00:00:01");
         assert_eq!(
-            alloc.take(&keys, n, a("192.0.2.99"), &first),
+            alloc.take(&keys, n, a("192.0.2.99"), &retry),
             Ok(Taken::AlreadyYours)
         );
         let other = owner("02:42:00:00:00:02");
@@ -651,5 +970,172 @@ mod tests {
             alloc.release_any(&keys, a("198.51.100.5")),
             Ok(Released::Unknown)
         );
+    }
+
+    /// Every address of `n` is either free or assigned, never both; what is assigned.
+    fn assigned(kv: &MemKv, keys: &PoolKeys, n: Ipv4Net) -> Vec<(Ipv4Addr, String)> {
+        let dump: HashMap<String, String> = kv.dump().into_iter().collect();
+        let mut held = Vec::new();
+        for addr in n.hosts() {
+            let free = dump.contains_key(&keys.pool(addr));
+            let taken = dump.get(&keys.assigned(addr));
+            assert!(
+                free != taken.is_some(),
+                "{addr}: free {free}, taken {taken:?}"
+            );
+            if let Some(value) = taken {
+                held.push((addr, value.clone()));
+            }
+        }
+        held
+    }
+
+    fn quick(kv: &MemKv) -> Allocator<&MemKv> {
+        let mut alloc = Allocator::new(kv);
+        alloc.time_limit = Duration::from_millis(350);
+        alloc.resend_window = Duration::from_millis(250);
+        alloc
+    }
+
+    #[test]
+    fn a_taking_applied_but_unanswered_is_answered_by_resending_it() {
+        let n = net("192.0.2.0/28");
+        for fault in [Fault::AppliedUnanswered, Fault::LostUnanswered] {
+            let (kv, keys) = pool(n);
+            let mut alloc = quick(&kv);
+            let who = owner("02:42:00:00:00:01");
+            kv.fail_next(2, fault);
+            let got = alloc.take_any(&keys, n, &who).unwrap();
+            assert_eq!(assigned(&kv, &keys, n), vec![(got, who.to_json())]);
+
+            let again = owner("02:42:00:00:00:02");
+            kv.fail_next(1, fault);
+            let wanted = if got == a("192.0.2.9") {
+                a("192.0.2.10")
+            } else {
+                a("192.0.2.9")
+            };
+            assert_eq!(alloc.take(&keys, n, wanted, &again), Ok(Taken::New));
+            assert!(assigned(&kv, &keys, n).contains(&(wanted, again.to_json())));
+            assert!(alloc.unsettled().is_empty());
+        }
+    }
+
+    #[test]
+    fn a_store_that_was_never_reached_fails_the_request_and_changes_nothing() {
+        let n = net("192.0.2.0/28");
+        let (kv, keys) = pool(n);
+        let mut alloc = quick(&kv);
+        let before = kv.dump();
+        kv.fail_next(1, Fault::Down);
+        assert!(matches!(
+            alloc.take_any(&keys, n, &owner("02:42:00:00:00:01")),
+            Err(AllocError::Store(StoreError::Unreachable(_)))
+        ));
+        assert_eq!(kv.dump(), before);
+        assert!(alloc.unsettled().is_empty());
+    }
+
+    #[test]
+    fn a_taking_never_answered_in_time_is_given_back_once_etcd_answers() {
+        let n = net("192.0.2.0/28");
+        let (kv, keys) = pool(n);
+        let mut alloc = quick(&kv);
+        kv.fail_next(1, Fault::AppliedUnanswered);
+        kv.fail_next(1000, Fault::Down);
+        let failed = alloc.take_any(&keys, n, &owner("02:42:00:00:00:01"));
+        assert!(
+            matches!(failed, Err(AllocError::Unsettled { .. })),
+            "{failed:?}"
+        );
+        assert_eq!(assigned(&kv, &keys, n).len(), 1, "applied, unanswered");
+        assert_eq!(alloc.unsettled().len(), 1);
+
+        // Still down: kept.
+        alloc.settle();
+        assert_eq!(alloc.unsettled().len(), 1);
+        kv.faults.borrow_mut().clear();
+        alloc.settled_at = None;
+        alloc.settle();
+        assert!(alloc.unsettled().is_empty());
+        assert_eq!(assigned(&kv, &keys, n), vec![]);
+    }
+
+    #[test]
+    fn settling_a_taking_that_was_never_applied_changes_nothing_and_fences_it() {
+        let n = net("192.0.2.0/28");
+        let (kv, keys) = pool(n);
+        let mut alloc = quick(&kv);
+        kv.fail_next(1, Fault::LostUnanswered);
+        kv.fail_next(1000, Fault::Down);
+        assert!(alloc
+            .take(&keys, n, a("192.0.2.3"), &owner("02:42:00:00:00:01"))
+            .is_err());
+        kv.faults.borrow_mut().clear();
+        alloc.settled_at = None;
+        alloc.settle();
+        assert!(alloc.unsettled().is_empty());
+        assert_eq!(assigned(&kv, &keys, n), vec![]);
+        // Another container can have it now.
+        let other = owner("02:42:00:00:00:02");
+        assert_eq!(alloc.take(&keys, n, a("192.0.2.3"), &other), Ok(Taken::New));
+    }
+
+    #[test]
+    fn a_release_applied_but_unanswered_is_reported_freed() {
+        let n = net("192.0.2.0/28");
+        let (kv, keys) = pool(n);
+        let mut alloc = quick(&kv);
+        let addr = alloc
+            .take_any(&keys, n, &owner("02:42:00:00:00:01"))
+            .unwrap();
+        // The read is answered; the move is applied and its answer lost.
+        kv.fail_next(1, Fault::Pass);
+        kv.fail_next(1, Fault::AppliedUnanswered);
+        assert!(matches!(
+            alloc.release_container(&keys, addr, "h1"),
+            Ok(Released::Freed { .. })
+        ));
+        assert_eq!(assigned(&kv, &keys, n), vec![]);
+        assert!(alloc.unsettled().is_empty());
+    }
+
+    #[test]
+    fn a_release_etcd_never_answered_is_finished_once_it_does() {
+        let n = net("192.0.2.0/28");
+        let (kv, keys) = pool(n);
+        let mut alloc = quick(&kv);
+        let addr = alloc
+            .take_any(&keys, n, &owner("02:42:00:00:00:01"))
+            .unwrap();
+        kv.fail_next(1, Fault::Down);
+        assert!(matches!(
+            alloc.release_container(&keys, addr, "h1"),
+            Err(AllocError::Unsettled { .. })
+        ));
+        assert_eq!(assigned(&kv, &keys, n).len(), 1);
+        alloc.settle();
+        assert!(alloc.unsettled().is_empty());
+        assert_eq!(assigned(&kv, &keys, n), vec![]);
+    }
+
+    #[test]
+    fn a_late_release_never_frees_an_address_taken_again_since() {
+        let n = net("192.0.2.0/28");
+        let (kv, keys) = pool(n);
+        let mut alloc = quick(&kv);
+        let addr = alloc
+            .take_any(&keys, n, &owner("02:42:00:00:00:01"))
+            .unwrap();
+        kv.fail_next(1, Fault::Down);
+        assert!(alloc.release_container(&keys, addr, "h1").is_err());
+        // An operator frees it meanwhile and another container of this host takes it.
+        alloc.release_any(&keys, addr).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        let next = owner("02:42:00:00:00:02");
+        assert_eq!(alloc.take(&keys, n, addr, &next), Ok(Taken::New));
+        alloc.settle();
+        assert!(alloc.unsettled().is_empty());
+        assert_eq!(assigned(&kv, &keys, n), vec![(addr, next.to_json())]);
     }
 }

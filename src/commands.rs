@@ -180,22 +180,34 @@ pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
             // Docker's first call nor the signal handlers that serve installs.
             let (probe, endpoints) = (etcd(), global.endpoints.clone());
             std::thread::spawn(move || log_etcd(&probe, &endpoints));
-            let mut plugin = Plugin::new(etcd(), layout, host);
-            server::serve(listener, |path, body| {
-                let answer = match body {
-                    Ok(body) => plugin.handle(path, body),
-                    Err(e @ BodyError::TooLarge { .. }) => plugin.refuse(413, &e.to_string()),
-                    Err(e @ BodyError::Unreadable(_)) => plugin.refuse(400, &e.to_string()),
-                };
-                Reply {
-                    status: answer.status,
-                    body: answer.body,
-                    content_type: ipam::CONTENT_TYPE,
-                }
-            })?;
-            Ok(())
+            let mut plugin = Served(Plugin::new(etcd(), layout, host));
+            let served = server::serve(listener, &mut plugin);
+            plugin.0.leave();
+            Ok(served?)
         }
         Command::CreateNetwork(flags) => Ok(network::create(etcd(), &layout, &flags)?),
+    }
+}
+
+/// The plugin behind the socket loop.
+struct Served<K>(Plugin<K>);
+
+impl<K: Kv> server::Handler for Served<K> {
+    fn handle(&mut self, path: &str, body: Result<&[u8], BodyError>) -> Reply {
+        let answer = match body {
+            Ok(body) => self.0.handle(path, body),
+            Err(e @ BodyError::TooLarge { .. }) => self.0.refuse(413, &e.to_string()),
+            Err(e @ BodyError::Unreadable(_)) => self.0.refuse(400, &e.to_string()),
+        };
+        Reply {
+            status: answer.status,
+            body: answer.body,
+            content_type: ipam::CONTENT_TYPE,
+        }
+    }
+
+    fn idle(&mut self) {
+        self.0.settle();
     }
 }
 

@@ -4,8 +4,8 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -17,11 +17,29 @@ use crate::kv::{Compare, KeyValue, Kv, Op, Range, StoreError, Txn, TxnOutcome};
 /// Largest answer read from etcd: a keys-only range over a /16 pool is about 6 MB.
 const MAX_ANSWER_BYTES: u64 = 64 * 1024 * 1024;
 
+/// Pause between two rounds of `GET /health` while every endpoint is down.
+const PROBE_PAUSE: Duration = Duration::from_millis(200);
+
+/// Longest that calls fail at once after every endpoint failed, even if no `/health` answers
+/// (an alarm, say, keeps it unhealthy while requests would be served): then one call tries.
+const LONGEST_HOLD: Duration = Duration::from_secs(5);
+
 /// Why a call to etcd failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
-    /// No endpoint answered: each one's reason, in the order they were tried.
+    /// No endpoint answered, and none was sent the request: each one's reason, in the order
+    /// they were tried. Nothing changed.
     Unreachable(Vec<(String, String)>),
+    /// No endpoint answered, and at least one was sent the request (a timeout after sending,
+    /// or a 503 from a member that is stopping or has no leader): a write may have been
+    /// applied, or may still be.
+    Unanswered(Vec<(String, String)>),
+    /// Every endpoint failed a moment ago and none has answered a health check since: the
+    /// request was not sent. `tries` are the reasons of that last failure.
+    Down {
+        since: Duration,
+        tries: Vec<(String, String)>,
+    },
     /// An endpoint answered with an error status; `message` is etcd's own reason.
     Refused {
         endpoint: String,
@@ -37,11 +55,15 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Unreachable(tries) => {
-                let tries: Vec<String> =
-                    tries.iter().map(|(e, why)| format!("{e}: {why}")).collect();
-                write!(f, "{}", tries.join("; "))
+            Error::Unreachable(tries) | Error::Unanswered(tries) => {
+                write!(f, "{}", list_tries(tries))
             }
+            Error::Down { since, tries } => write!(
+                f,
+                "no endpoint has answered for {:.1} s ({}); not retried until one does",
+                since.as_secs_f64(),
+                list_tries(tries)
+            ),
             Error::Refused {
                 endpoint,
                 status,
@@ -65,22 +87,76 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+fn list_tries(tries: &[(String, String)]) -> String {
+    let tries: Vec<String> = tries.iter().map(|(e, why)| format!("{e}: {why}")).collect();
+    tries.join("; ")
+}
+
+impl Error {
+    /// Whether no endpoint answered (so another try later may succeed).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            Error::Unreachable(_) | Error::Unanswered(_) | Error::Down { .. }
+        )
+    }
+}
+
 impl From<Error> for StoreError {
+    /// As the error of a write: an unanswered one may have been applied.
     fn from(e: Error) -> StoreError {
         match e {
-            Error::Unreachable(_) => StoreError::Unreachable(e.to_string()),
+            Error::Unanswered(_) => StoreError::OutcomeUnknown(e.to_string()),
+            Error::Unreachable(_) | Error::Down { .. } => StoreError::Unreachable(e.to_string()),
             _ => StoreError::Failed(e.to_string()),
         }
     }
 }
 
+/// As the error of a read, which changes nothing whether it was answered or not.
+fn read_error(e: Error) -> StoreError {
+    match e {
+        Error::Unanswered(_) => StoreError::Unreachable(e.to_string()),
+        e => e.into(),
+    }
+}
+
 /// One failed attempt on one endpoint.
 enum Attempt {
-    /// Worth trying the next endpoint: the request may not have reached etcd, or etcd
-    /// said it cannot serve right now.
-    Retry(String),
+    /// The request never reached etcd (refused, no route, no connection in time): try the
+    /// next endpoint.
+    NotSent(String),
+    /// The request was sent but not answered, or etcd said it cannot serve right now (503):
+    /// try the next endpoint, knowing that this one may still apply it.
+    Unanswered(String),
     /// Final: another endpoint would answer the same.
     Fail(Error),
+}
+
+/// Whether every endpoint failed a moment ago, shared with the thread that watches for one
+/// to answer again.
+#[derive(Default)]
+struct Health {
+    state: Mutex<HealthState>,
+}
+
+#[derive(Default)]
+struct HealthState {
+    /// When every endpoint last failed, if none has answered since.
+    down_since: Option<Instant>,
+    /// Why each one failed then.
+    tries: Vec<(String, String)>,
+    /// Whether a thread is checking `/health` until an endpoint answers.
+    probing: bool,
+}
+
+impl Health {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        // A panic elsewhere while holding the lock leaves plain data behind; keep using it.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// What `Client::server_version` found.
@@ -104,6 +180,7 @@ pub struct Client {
     api_prefix: OnceLock<&'static str>,
     /// Requests sent (for the benchmark's round-trip counts).
     requests: AtomicU64,
+    health: Arc<Health>,
 }
 
 impl Client {
@@ -126,6 +203,7 @@ impl Client {
             preferred: AtomicUsize::new(0),
             api_prefix: OnceLock::new(),
             requests: AtomicU64::new(0),
+            health: Arc::default(),
         }
     }
 
@@ -142,29 +220,79 @@ impl Client {
 
     /// Runs `attempt` on each endpoint in turn, from the one that answered last, until one
     /// gives a final answer.
+    ///
+    /// Once every endpoint has failed, later calls fail at once with the same reasons (rather
+    /// than each waiting out every endpoint's timeout behind the others) until a thread that
+    /// polls `GET /health` finds an endpoint answering again.
     fn on_any_endpoint<T>(
         &self,
         what: &str,
         attempt: impl Fn(&str) -> Result<T, Attempt>,
     ) -> Result<T, Error> {
+        if let Some(down) = self.down() {
+            return Err(down);
+        }
         let first = self.preferred.load(Ordering::Relaxed);
         let mut tries = Vec::new();
+        let mut sent = false;
         for i in 0..self.endpoints.len() {
             let index = (first + i) % self.endpoints.len();
             let endpoint = &self.endpoints[index];
-            match attempt(endpoint) {
+            let why = match attempt(endpoint) {
                 Ok(answer) => {
                     self.preferred.store(index, Ordering::Relaxed);
                     return Ok(answer);
                 }
-                Err(Attempt::Retry(why)) => {
-                    log::debug!("etcd {endpoint}{what}: {why}; trying the next endpoint");
-                    tries.push((endpoint.clone(), why));
+                Err(Attempt::NotSent(why)) => why,
+                Err(Attempt::Unanswered(why)) => {
+                    sent = true;
+                    why
                 }
                 Err(Attempt::Fail(e)) => return Err(e),
+            };
+            log::debug!("etcd {endpoint}{what}: {why}; trying the next endpoint");
+            tries.push((endpoint.clone(), why));
+        }
+        self.mark_down(&tries);
+        Err(if sent {
+            Error::Unanswered(tries)
+        } else {
+            Error::Unreachable(tries)
+        })
+    }
+
+    /// The error to fail with at once while every endpoint is down.
+    fn down(&self) -> Option<Error> {
+        let state = self.health.lock();
+        let since = state.down_since.filter(|t| t.elapsed() < LONGEST_HOLD)?;
+        Some(Error::Down {
+            since: since.elapsed(),
+            tries: state.tries.clone(),
+        })
+    }
+
+    /// Notes that every endpoint just failed, and starts polling them until one answers.
+    fn mark_down(&self, tries: &[(String, String)]) {
+        let mut state = self.health.lock();
+        state.down_since = Some(Instant::now());
+        state.tries = tries.to_vec();
+        if state.probing {
+            return;
+        }
+        let health = Arc::downgrade(&self.health);
+        let agent = self.agent.clone();
+        let endpoints = self.endpoints.clone();
+        let spawned = std::thread::Builder::new()
+            .name("etcd-health".into())
+            .spawn(move || probe_until_answered(&health, &agent, &endpoints));
+        match spawned {
+            Ok(_) => state.probing = true,
+            // Without the thread, no call is held back: each tries every endpoint again.
+            Err(e) => {
+                log::warn!("cannot start the etcd health check: {e}");
+                state.down_since = None;
             }
         }
-        Err(Error::Unreachable(tries))
     }
 
     /// Every key under `prefix` in etcd's v2 keyspace (where the original tool wrote), read
@@ -211,7 +339,7 @@ impl Client {
             (404, Some(json)) if json["errorCode"].as_i64() == Some(100) => Ok(V2Tree::Missing),
             // An etcd 3.4+ started without --enable-v2 has no such route at all.
             (404, _) => Ok(V2Tree::NotServed),
-            (503, _) => Err(Attempt::Retry(format!(
+            (503, _) => Err(Attempt::Unanswered(format!(
                 "unavailable: {}",
                 error_message(&bytes)
             ))),
@@ -244,9 +372,10 @@ impl Client {
             });
         }
         let message = error_message(&bytes);
-        // 503: this member has no leader or is stopping; another member may serve.
+        // 503: this member has no leader or is stopping; another member may serve. A write
+        // it was given may still be applied ("transport is closing" comes after the fact).
         if status == 503 {
-            return Err(Attempt::Retry(format!("unavailable: {message}")));
+            return Err(Attempt::Unanswered(format!("unavailable: {message}")));
         }
         Err(Attempt::Fail(Error::Refused {
             endpoint: endpoint.into(),
@@ -269,7 +398,9 @@ impl Client {
                         api_prefix,
                     });
                 }
-                Err(Attempt::Retry(why)) => tries.push((endpoint.clone(), why)),
+                Err(Attempt::NotSent(why) | Attempt::Unanswered(why)) => {
+                    tries.push((endpoint.clone(), why))
+                }
                 Err(Attempt::Fail(e)) => return Err(e),
             }
         }
@@ -370,14 +501,55 @@ fn body_of(answer: &mut ureq::http::Response<ureq::Body>) -> Result<Vec<u8>, Att
         .map_err(transport_reason)
 }
 
-/// A transport failure, worded for a person, as a reason to try the next endpoint.
+/// A transport failure, worded for a person, as a reason to try the next endpoint. Only a
+/// failure to connect proves the request was not sent; any other may come after etcd read it.
 fn transport_reason(e: ureq::Error) -> Attempt {
+    use std::io::ErrorKind;
+    use ureq::Timeout;
     match e {
-        ureq::Error::Timeout(_) => Attempt::Retry("timed out".into()),
-        ureq::Error::Io(io) => Attempt::Retry(io.to_string()),
-        ureq::Error::HostNotFound => Attempt::Retry("host not found".into()),
-        ureq::Error::ConnectionFailed => Attempt::Retry("connection failed".into()),
-        other => Attempt::Retry(other.to_string()),
+        ureq::Error::Timeout(Timeout::Resolve | Timeout::Connect) => {
+            Attempt::NotSent("timed out connecting".into())
+        }
+        ureq::Error::Timeout(_) => Attempt::Unanswered("timed out".into()),
+        ureq::Error::Io(io)
+            if matches!(
+                io.kind(),
+                ErrorKind::ConnectionRefused
+                    | ErrorKind::AddrNotAvailable
+                    | ErrorKind::NetworkUnreachable
+                    | ErrorKind::HostUnreachable
+            ) =>
+        {
+            Attempt::NotSent(io.to_string())
+        }
+        ureq::Error::Io(io) => Attempt::Unanswered(io.to_string()),
+        ureq::Error::HostNotFound => Attempt::NotSent("host not found".into()),
+        ureq::Error::ConnectionFailed => Attempt::NotSent("connection failed".into()),
+        other => Attempt::Unanswered(other.to_string()),
+    }
+}
+
+/// Polls `GET /health` on every endpoint until one answers healthy, then lets calls through
+/// again. Ends early if the client is gone.
+fn probe_until_answered(health: &Weak<Health>, agent: &ureq::Agent, endpoints: &[String]) {
+    loop {
+        std::thread::sleep(PROBE_PAUSE);
+        for endpoint in endpoints {
+            let healthy = agent
+                .get(&format!("{endpoint}/health"))
+                .call()
+                .is_ok_and(|answer| answer.status() == 200);
+            let Some(health) = health.upgrade() else {
+                return;
+            };
+            if healthy {
+                log::info!("etcd {endpoint} answers again");
+                let mut state = health.lock();
+                state.down_since = None;
+                state.probing = false;
+                return;
+            }
+        }
     }
 }
 
@@ -557,11 +729,11 @@ impl Client {
 
 impl Kv for Client {
     fn range(&self, range: &Range) -> Result<Vec<KeyValue>, StoreError> {
-        Ok(Client::range(self, range)?)
+        Client::range(self, range).map_err(read_error)
     }
 
     fn original_keys(&self, prefix: &str) -> Result<Option<Vec<KeyValue>>, StoreError> {
-        Ok(match self.v2_tree(prefix)? {
+        Ok(match self.v2_tree(prefix).map_err(read_error)? {
             V2Tree::NotServed => None,
             V2Tree::Missing => Some(Vec::new()),
             V2Tree::Keys { keys, .. } => Some(keys),

@@ -109,6 +109,7 @@ impl<K: Kv> Plugin<K> {
 
     /// Answers one call. Never panics on what a request contains.
     pub fn handle(&mut self, path: &str, body: &[u8]) -> Answer {
+        self.settle();
         let result = match path {
             "/Plugin.Activate" => Ok(json!({ "Implements": ["IpamDriver"] })),
             "/IpamDriver.GetCapabilities" => {
@@ -130,6 +131,18 @@ impl<K: Kv> Plugin<K> {
                 log::warn!("{path}: {message}");
                 Answer::err(status, message)
             }
+        }
+    }
+
+    /// Tries again to settle what etcd left unanswered (at most every second).
+    pub fn settle(&mut self) {
+        self.alloc.settle();
+    }
+
+    /// Says, on the way out, what etcd left unanswered: `reconcile` finds it later.
+    pub fn leave(&mut self) {
+        for item in self.alloc.unsettled() {
+            log::warn!("left unsettled at exit: {item}");
         }
     }
 
@@ -231,13 +244,24 @@ impl<K: Kv> Plugin<K> {
         let wanted = match request.address.as_str() {
             "" => None,
             text => {
-                // Docker sends a bare address; accept A/N too.
-                let bare = text.split('/').next().unwrap_or_default();
+                // Docker sends a bare address; accept A/N too, N being the pool's.
+                let (bare, mask) = match text.split_once('/') {
+                    Some((bare, mask)) => (bare, Some(mask)),
+                    None => (text, None),
+                };
                 let addr: Ipv4Addr = bare
                     .parse()
                     .map_err(|_| bad_request(format!("{text:?} is not an IPv4 address")))?;
                 if !net.contains(&addr) {
                     return Err(bad_request(format!("{addr} is outside the pool {net}")));
+                }
+                if let Some(mask) = mask {
+                    if mask != net.prefix_len().to_string() {
+                        return Err(bad_request(format!(
+                            "{text:?}: the pool {net} has prefix length {}",
+                            net.prefix_len()
+                        )));
+                    }
                 }
                 Some(addr)
             }

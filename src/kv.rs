@@ -144,8 +144,11 @@ impl TxnOutcome {
 /// Why the store could not do what was asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
-    /// No endpoint of the store answered in time.
+    /// No endpoint of the store answered in time; nothing was changed.
     Unreachable(String),
+    /// A write was sent but no answer came back (a timeout after sending, etcd stopping or
+    /// losing its leader): it may or may not have been applied, now or later.
+    OutcomeUnknown(String),
     /// The store answered, with an error.
     Failed(String),
 }
@@ -154,6 +157,9 @@ impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StoreError::Unreachable(why) => write!(f, "etcd unreachable: {why}"),
+            StoreError::OutcomeUnknown(why) => {
+                write!(f, "etcd did not answer whether it applied a change: {why}")
+            }
             StoreError::Failed(why) => write!(f, "etcd error: {why}"),
         }
     }
@@ -192,7 +198,20 @@ pub mod memory {
 
     use super::*;
     use std::cell::{Cell, RefCell};
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, VecDeque};
+
+    /// A failure the next call meets instead of its normal answer.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Fault {
+        /// None: the call is answered as usual.
+        Pass,
+        /// Nothing reaches the store: `Unreachable`, nothing changed.
+        Down,
+        /// A transaction is applied but its answer is lost: `OutcomeUnknown`.
+        AppliedUnanswered,
+        /// A transaction is lost before it is applied, and so is its answer: `OutcomeUnknown`.
+        LostUnanswered,
+    }
 
     pub struct MemKv {
         data: RefCell<BTreeMap<String, (String, i64)>>,
@@ -201,6 +220,8 @@ pub mod memory {
         pub calls: Cell<u64>,
         /// Keys and values of the original tool's v2 keyspace; `None`: not served.
         pub original: RefCell<Option<Vec<(String, String)>>>,
+        /// Failures met by the next calls, one each, in order.
+        pub faults: RefCell<VecDeque<Fault>>,
     }
 
     impl Default for MemKv {
@@ -210,6 +231,7 @@ pub mod memory {
                 revision: Cell::default(),
                 calls: Cell::default(),
                 original: RefCell::new(Some(Vec::new())),
+                faults: RefCell::default(),
             }
         }
     }
@@ -224,6 +246,17 @@ pub mod memory {
             if let Some(keys) = self.original.borrow_mut().as_mut() {
                 keys.push((key.into(), value.into()));
             }
+        }
+
+        /// The next `n` calls meet `fault`, after those already queued.
+        pub fn fail_next(&self, n: usize, fault: Fault) {
+            self.faults
+                .borrow_mut()
+                .extend(std::iter::repeat(fault).take(n));
+        }
+
+        fn next_fault(&self) -> Option<Fault> {
+            self.faults.borrow_mut().pop_front()
         }
 
         /// Every key and value, for before/after comparisons.
@@ -275,6 +308,9 @@ pub mod memory {
     impl Kv for MemKv {
         fn range(&self, range: &Range) -> Result<Vec<KeyValue>, StoreError> {
             self.calls.set(self.calls.get() + 1);
+            if self.next_fault().is_some_and(|f| f != Fault::Pass) {
+                return Err(StoreError::Unreachable("injected fault".into()));
+            }
             Ok(self.read(range))
         }
 
@@ -293,6 +329,22 @@ pub mod memory {
 
         fn txn(&self, txn: &Txn) -> Result<TxnOutcome, StoreError> {
             self.calls.set(self.calls.get() + 1);
+            match self.next_fault() {
+                None | Some(Fault::Pass) => self.apply(txn),
+                Some(Fault::Down) => Err(StoreError::Unreachable("injected fault".into())),
+                Some(Fault::LostUnanswered) => {
+                    Err(StoreError::OutcomeUnknown("injected fault".into()))
+                }
+                Some(Fault::AppliedUnanswered) => {
+                    self.apply(txn)?;
+                    Err(StoreError::OutcomeUnknown("injected fault".into()))
+                }
+            }
+        }
+    }
+
+    impl MemKv {
+        fn apply(&self, txn: &Txn) -> Result<TxnOutcome, StoreError> {
             // etcd refuses the whole request, as here, when any list is over its limit.
             let longest = [txn.compares.len(), txn.success.len(), txn.failure.len()];
             if longest.iter().any(|n| *n > MAX_TXN_OPS) {

@@ -220,16 +220,23 @@ struct Counts {
     unwritten: AtomicUsize,
 }
 
+/// What answers the requests `serve` reads.
+pub trait Handler {
+    /// The answer to a request for `path` with its body (or why the body could not be read).
+    fn handle(&mut self, path: &str, body: Result<&[u8], BodyError>) -> Reply;
+
+    /// Called between requests, at least every [`POLL`] while none comes: for work that must
+    /// not wait for the next request.
+    fn idle(&mut self) {}
+}
+
 /// Serves `handler` until SIGTERM or SIGINT, then finishes the request in hand, removes the
 /// socket file it bound (if still its own), and returns.
 ///
 /// One thread accepts; each connection gets a thread that reads its requests under
 /// [`REQUEST_TIMEOUT`] and writes the answers; `handler` runs on the calling thread only, one
 /// request at a time, and never waits on a client.
-pub fn serve(
-    listener: Listener,
-    mut handler: impl FnMut(&str, Result<&[u8], BodyError>) -> Reply,
-) -> Result<(), ServerError> {
+pub fn serve(listener: Listener, handler: &mut impl Handler) -> Result<(), ServerError> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(ServerError::Signals)?;
@@ -255,14 +262,14 @@ pub fn serve(
     while !stop.load(Ordering::Relaxed) {
         match inbox.recv_timeout(POLL) {
             Ok(Event::Request(job)) => {
-                let reply = handler(&job.path, job.body.as_deref().map_err(Clone::clone));
+                let reply = handler.handle(&job.path, job.body.as_deref().map_err(Clone::clone));
                 counts.unwritten.fetch_add(1, Ordering::SeqCst);
                 if job.reply.send(reply).is_err() {
                     counts.unwritten.fetch_sub(1, Ordering::SeqCst);
                 }
             }
             Ok(Event::ListenerFailed(e)) => return Err(ServerError::Accept(e)),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => handler.idle(),
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 return Err(ServerError::Accept(io::Error::other("accept thread ended")))
             }

@@ -118,7 +118,8 @@ fn no_endpoint_answering_is_an_error_naming_each_one_within_the_timeouts() {
         "took {:?}",
         started.elapsed()
     );
-    let Error::Unreachable(tries) = &err else {
+    // The hung one was sent the request: what it did with it is unknown.
+    let Error::Unanswered(tries) = &err else {
         panic!("{err:?}")
     };
     assert_eq!(
@@ -127,6 +128,59 @@ fn no_endpoint_answering_is_an_error_naming_each_one_within_the_timeouts() {
     );
     let text = err.to_string();
     assert!(text.contains(&dead) && text.contains("timed out"), "{text}");
+}
+
+#[test]
+fn endpoints_that_refuse_connections_were_never_sent_the_request() {
+    let (one, two) = (dead_endpoint(), dead_endpoint());
+    let err = client(&[&one, &two]).txn(&Txn::default()).unwrap_err();
+    assert!(
+        matches!(err, Error::Unreachable(ref tries) if tries.len() == 2),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn once_every_endpoint_failed_calls_fail_at_once_until_one_answers_again() {
+    let mut etcd = Etcd::start("fail-fast");
+    let c = client(&[&etcd.url]);
+    let key = format!("{}/k", unique_prefix("fail-fast"));
+    c.put(&key, "v").unwrap();
+    etcd.stop();
+    assert!(c.range(&Range::key(&key)).unwrap_err().is_unreachable());
+
+    // Later calls are not sent: they fail at once, with the same reason.
+    let started = Instant::now();
+    for _ in 0..20 {
+        let err = c.range(&Range::key(&key)).unwrap_err();
+        assert!(matches!(err, Error::Down { .. }), "{err:?}");
+        assert!(err.to_string().contains(&etcd.url), "{err}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A thread watching /health lets calls through again soon after etcd is back.
+    etcd.restart();
+    let back = Instant::now();
+    let deadline = back + Duration::from_secs(10);
+    loop {
+        match c.range(&Range::key(&key)) {
+            Ok(found) => {
+                assert_eq!(found[0].value, "v");
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "still failing: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        back.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        back.elapsed()
+    );
 }
 
 #[test]

@@ -462,10 +462,18 @@ fn etcd_down_during_a_request_is_an_error_and_the_server_recovers() {
     assert!(matches!(server.child.try_wait(), Ok(None)), "server died");
 
     etcd.restart();
-    let r = c.call(
-        "/IpamDriver.RequestAddress",
-        &container_request("192.0.2.0", "", "02:42:00:00:00:07"),
-    );
+    // Requests fail at once until the plugin's health check sees etcd again (every 0.2 s).
+    let back = Instant::now();
+    let r = loop {
+        let r = c.call(
+            "/IpamDriver.RequestAddress",
+            &container_request("192.0.2.0", "", "02:42:00:00:00:07"),
+        );
+        if r.status == 200 || back.elapsed() > Duration::from_secs(2) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(r.status, 200, "{}", r.body);
     let r = c.call("/IpamDriver.ReleaseAddress", &json!({"PoolID":"192.0.2.0","Address": r.json()["Address"].as_str().unwrap().trim_end_matches("/24")}).to_string());
     assert_eq!(r.status, 200, "{}", r.body);

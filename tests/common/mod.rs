@@ -167,6 +167,16 @@ impl Etcd {
         }
     }
 
+    /// Sends `signal` (e.g. `STOP`, `CONT`) to etcd by its PID.
+    pub fn signal(&self, signal: &str) {
+        let pid = std::fs::read_to_string(self.dir.join("pid")).expect("etcd's pid file");
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), pid.trim()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     pub fn restart(&mut self) {
         self.stop();
         self.run();
