@@ -58,6 +58,8 @@ pub enum ServerError {
     /// The listening socket failed (or the accept thread could not start): exiting lets the
     /// service manager start a new server on the socket.
     Accept(io::Error),
+    /// `LISTEN_FDS` names fd 3, but fd 3 is not a listening Unix stream socket.
+    NotInherited(String),
 }
 
 impl fmt::Display for ServerError {
@@ -80,6 +82,10 @@ impl fmt::Display for ServerError {
             ServerError::Socket { path, error } => write!(f, "socket {}: {error}", path.display()),
             ServerError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
             ServerError::Accept(e) => write!(f, "cannot accept connections: {e}"),
+            ServerError::NotInherited(why) => write!(
+                f,
+                "LISTEN_FDS says systemd passed a socket, but fd 3 {why}; check the socket unit"
+            ),
         }
     }
 }
@@ -146,21 +152,62 @@ pub struct Reply {
 }
 
 /// The socket systemd passed if this process is the one it was meant for, else None.
-fn inherited() -> Option<UnixListener> {
-    let pid: u32 = std::env::var("LISTEN_PID").ok()?.trim().parse().ok()?;
-    let fds: i32 = std::env::var("LISTEN_FDS").ok()?.trim().parse().ok()?;
-    if pid != std::process::id() || fds < 1 {
-        return None;
+fn inherited() -> Result<Option<UnixListener>, ServerError> {
+    let var = |name| std::env::var(name).ok()?.trim().parse::<i64>().ok();
+    let (Some(pid), Some(fds)) = (var("LISTEN_PID"), var("LISTEN_FDS")) else {
+        return Ok(None);
+    };
+    if pid != i64::from(std::process::id()) || fds < 1 {
+        return Ok(None);
     }
-    // SAFETY: under the protocol checked above, fd 3 is an open listening socket handed to
-    // this process and to nothing else in it.
-    Some(unsafe { UnixListener::from_raw_fd(SD_LISTEN_FDS_START) })
+    check_listening_unix_socket(SD_LISTEN_FDS_START).map_err(ServerError::NotInherited)?;
+    // SAFETY: fd 3 is an open listening Unix socket (checked above) that systemd handed to
+    // this process, and nothing else in it owns it.
+    Ok(Some(unsafe {
+        UnixListener::from_raw_fd(SD_LISTEN_FDS_START)
+    }))
+}
+
+/// Ok if `fd` is an open Unix-domain stream socket that listens; else what it is instead.
+fn check_listening_unix_socket(fd: i32) -> Result<(), String> {
+    // SAFETY: fstat and getsockopt only write into the buffers passed, sized as they expect;
+    // an fd that is not open makes them fail with EBADF.
+    unsafe {
+        let mut stat: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut stat) != 0 {
+            return Err(format!("is not open ({})", io::Error::last_os_error()));
+        }
+        if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+            return Err("is not a socket".into());
+        }
+        let get = |option| {
+            let mut value: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            let ok = libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                option,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            ) == 0;
+            ok.then_some(value)
+        };
+        if get(libc::SO_DOMAIN) != Some(libc::AF_UNIX)
+            || get(libc::SO_TYPE) != Some(libc::SOCK_STREAM)
+        {
+            return Err("is not a Unix stream socket".into());
+        }
+        if get(libc::SO_ACCEPTCONN) != Some(1) {
+            return Err("is a socket that does not listen".into());
+        }
+    }
+    Ok(())
 }
 
 /// The listener to serve: systemd's, if it passed one, else `path` bound here with mode 0660.
 /// A socket file left by a dead server is replaced; one a live server answers on is not.
 pub fn listen(path: &Path) -> Result<Listener, ServerError> {
-    if let Some(listener) = inherited() {
+    if let Some(listener) = inherited()? {
         log::info!("serving the socket passed by systemd");
         return Ok(Listener::Inherited(listener));
     }

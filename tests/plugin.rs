@@ -428,6 +428,55 @@ fn serves_a_socket_passed_by_systemd() {
 }
 
 #[test]
+fn an_inherited_fd_that_is_not_a_listening_unix_socket_is_refused() {
+    use std::os::fd::AsRawFd;
+    let dir = TempDir::new("not-activation");
+    let sock = dir.join("talkingdata.sock");
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (unlistening, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let datagram = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    for (fd, says) in [
+        (file.as_raw_fd(), "fd 3 is not a socket"),
+        (tcp.as_raw_fd(), "fd 3 is not a Unix stream socket"),
+        (datagram.as_raw_fd(), "fd 3 is not a Unix stream socket"),
+        (
+            unlistening.as_raw_fd(),
+            "fd 3 is a socket that does not listen",
+        ),
+    ] {
+        let out = with_fd3(fd, &sock);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(says), "{err}");
+        assert!(!sock.exists());
+    }
+}
+
+/// Runs `server` as systemd would start it with `fd` passed as fd 3.
+fn with_fd3(fd: i32, sock: &std::path::Path) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let script = "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" server --socket \"$1\"";
+    let mut command = Command::new("sh");
+    command.args(["-c", script, common::BIN]).arg(sock);
+    // SAFETY: only dup, dup2 and close, which are async-signal-safe, run between fork and
+    // exec. The copy made by dup has no close-on-exec flag, even when `fd` is 3 itself.
+    unsafe {
+        command.pre_exec(move || {
+            let copy = libc::dup(fd);
+            if copy < 0 || libc::dup2(copy, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if copy != 3 {
+                libc::close(copy);
+            }
+            Ok(())
+        });
+    }
+    command.output().unwrap()
+}
+
+#[test]
 fn etcd_down_during_a_request_is_an_error_and_the_server_recovers() {
     let mut etcd = Etcd::start("downup");
     let p = unique_prefix("downup");
