@@ -18,6 +18,9 @@ use ipnet::Ipv4Net;
 use crate::kv::{prefix_end, Compare, KeyValue, Kv, Op, Range, StoreError, Txn, TxnOutcome};
 use crate::layout::{describe_holder, Owner, PoolKeys, Role};
 
+/// Most records of its own an allocator remembers (a host holds far fewer).
+const MAX_REMEMBERED: usize = 65_536;
+
 /// How many free keys one look at a window brings back as candidates.
 const WINDOW_LIMIT: u64 = 64;
 
@@ -159,6 +162,9 @@ pub struct Allocator<K> {
     time_limit: Duration,
     /// [`RESEND_WINDOW`]; shorter in unit tests.
     resend_window: Duration,
+    /// The value of each `assigned/` key this allocator wrote for a container (or found it
+    /// holding): its release is then one transaction comparing that value.
+    written: HashMap<String, String>,
 }
 
 impl<K: Kv> Allocator<K> {
@@ -175,7 +181,16 @@ impl<K: Kv> Allocator<K> {
             settled_at: None,
             time_limit: MAX_ALLOCATION_TIME,
             resend_window: RESEND_WINDOW,
+            written: HashMap::new(),
         }
+    }
+
+    /// Remembers that `key` holds `value`, written or seen by this allocator.
+    fn remember(&mut self, key: String, value: &str) {
+        if self.written.len() >= MAX_REMEMBERED {
+            self.written.clear();
+        }
+        self.written.insert(key, value.to_string());
     }
 
     /// Changes etcd has not answered for yet.
@@ -404,11 +419,9 @@ impl<K: Kv> Allocator<K> {
                 }
                 Err(e) => return Err(e.into()),
             };
-            if outcome.succeeded {
-                return Ok(addr);
-            }
-            // An earlier, unanswered send of this transaction was applied.
-            if outcome.range(1).first().is_some_and(|kv| kv.value == value) {
+            // Succeeded, or an earlier, unanswered send of this transaction was.
+            if outcome.succeeded || outcome.range(1).first().is_some_and(|kv| kv.value == value) {
+                self.remember(keys.assigned(addr), &value);
                 return Ok(addr);
             }
             let mut free = addrs_of(keys, outcome.range(0));
@@ -466,14 +479,20 @@ impl<K: Kv> Allocator<K> {
             Err(e) => return Err(e.into()),
         };
         if outcome.succeeded {
+            self.remember(keys.assigned(addr), &value);
             return Ok(Taken::New);
         }
         match outcome.range(0).first() {
             None => Err(AllocError::NotInPool { addr, net }),
             // An earlier, unanswered send of this transaction was applied.
-            Some(held) if held.value == value => Ok(Taken::New),
+            Some(held) if held.value == value => {
+                self.remember(keys.assigned(addr), &value);
+                Ok(Taken::New)
+            }
             Some(held) => match Owner::from_json(&held.value) {
                 Some(h) if h.role == owner.role && h.host == owner.host && h.mac == owner.mac => {
+                    let held = held.value.clone();
+                    self.remember(keys.assigned(addr), &held);
                     Ok(Taken::AlreadyYours)
                 }
                 _ => Err(AllocError::InUse {
@@ -538,9 +557,43 @@ impl<K: Kv> Allocator<K> {
         // The record read last, and whether a move of it went unanswered (maybe applied).
         let mut read: Option<KeyValue> = None;
         let mut unanswered = false;
+        let mut first_read = None;
+        // The common case, a record this allocator wrote: one transaction comparing its value.
+        let remembered = self.written.remove(&keys.assigned(addr)).filter(|value| {
+            Owner::from_json(value).is_some_and(|o| o.role == Role::Container && o.host == host)
+        });
+        if let Some(value) = remembered {
+            let txn = Txn {
+                compares: vec![Compare::Value(keys.assigned(addr), value.clone())],
+                success: vec![
+                    Op::delete(keys.assigned(addr)),
+                    Op::put(keys.pool(addr), ""),
+                ],
+                failure: vec![Op::Range(Range::key(keys.assigned(addr)))],
+            };
+            match self.txn_resent(&txn, deadline) {
+                // Done, or an earlier unanswered send was applied (the record is gone, or was
+                // taken anew since: another value).
+                Ok((outcome, resent))
+                    if outcome.succeeded
+                        || (resent
+                            && outcome.range(0).first().map(|kv| &kv.value) != Some(&value)) =>
+                {
+                    return Ok(Released::Freed {
+                        holder: describe_holder(&value),
+                    });
+                }
+                // Not what this allocator wrote any more: the general path, from this read.
+                Ok((outcome, _)) => first_read = Some(outcome.range(0).to_vec()),
+                Err(e) => return Err(self.unsettled_release(e, keys, addr, host, None, asked)),
+            }
+        }
         // Read, then move only if unchanged since the read: a concurrent re-take is never undone.
         for _ in 0..MAX_ATTEMPTS {
-            let found = match self.kv.range(&Range::key(keys.assigned(addr))) {
+            let found = match first_read
+                .take()
+                .map_or_else(|| self.kv.range(&Range::key(keys.assigned(addr))), Ok)
+            {
                 Ok(found) => found,
                 Err(e) => {
                     let mod_revision = read.as_ref().map(|kv| kv.mod_revision);
@@ -1098,6 +1151,43 @@ mod tests {
         ));
         assert_eq!(assigned(&kv, &keys, n), vec![]);
         assert!(alloc.unsettled().is_empty());
+    }
+
+    #[test]
+    fn releasing_what_this_allocator_took_costs_one_transaction() {
+        let n = net("192.0.2.0/24");
+        let (kv, keys) = pool(n);
+        let mut alloc = Allocator::new(&kv);
+        let before = kv.dump();
+        let taken = alloc
+            .take_any(&keys, n, &owner("02:42:00:00:00:01"))
+            .unwrap();
+        let calls = kv.calls.get();
+        assert!(matches!(
+            alloc.release_container(&keys, taken, "h1"),
+            Ok(Released::Freed { .. })
+        ));
+        assert_eq!(kv.calls.get() - calls, 1);
+        assert_eq!(kv.dump(), before);
+
+        // Taken anew by another allocator since: the one transaction fails and reads the
+        // record, which is then released on its revision, as any other: two more.
+        let wanted = a("192.0.2.7");
+        alloc
+            .take(&keys, n, wanted, &owner("02:42:00:00:00:02"))
+            .unwrap();
+        alloc.release_any(&keys, wanted).unwrap();
+        let mut other = Allocator::new(&kv);
+        other
+            .take(&keys, n, wanted, &owner("02:42:00:00:00:03"))
+            .unwrap();
+        let calls = kv.calls.get();
+        assert!(matches!(
+            alloc.release_container(&keys, wanted, "h1"),
+            Ok(Released::Freed { .. })
+        ));
+        assert_eq!(kv.calls.get() - calls, 2);
+        assert_eq!(kv.dump(), before);
     }
 
     #[test]

@@ -187,13 +187,17 @@ impl Client {
     /// A client for `endpoints` (`http://host:port`, tried in order) where every request,
     /// connect included, must finish within `timeout`.
     pub fn new(endpoints: Vec<String>, timeout: Duration) -> Client {
-        let agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .timeout_global(Some(timeout))
             .http_status_as_error(false)
             // etcd sits on the cluster network; an HTTP proxy from the environment never helps.
             .proxy(None)
-            .build()
-            .into();
+            .build();
+        let agent = ureq::Agent::with_parts(
+            config,
+            ureq::unversioned::transport::DefaultConnector::new(),
+            crate::resolver::InPlace,
+        );
         Client {
             endpoints: endpoints
                 .into_iter()
@@ -656,6 +660,9 @@ fn compare_body(c: &Compare) -> Value {
         Compare::Absent(key) => {
             json!({"key": b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": "0"})
         }
+        Compare::Value(key, value) => json!({
+            "key": b64(key), "result": "EQUAL", "target": "VALUE", "value": b64(value)
+        }),
         Compare::ModRevision(key, rev) => json!({
             "key": b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": rev.to_string()
         }),

@@ -94,6 +94,8 @@ pub enum Compare {
     Absent(String),
     /// The key was last changed at this revision (it is unchanged since it was read).
     ModRevision(String, i64),
+    /// The key holds exactly this value.
+    Value(String, String),
 }
 
 /// One operation of a transaction branch.
@@ -301,6 +303,7 @@ pub mod memory {
                 Compare::Exists(k) => data.contains_key(k),
                 Compare::Absent(k) => !data.contains_key(k),
                 Compare::ModRevision(k, rev) => data.get(k).map(|e| e.1) == Some(*rev),
+                Compare::Value(k, value) => data.get(k).is_some_and(|e| e.0 == *value),
             }
         }
     }

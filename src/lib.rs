@@ -13,4 +13,5 @@ pub mod logging;
 pub mod migrate;
 pub mod network;
 pub mod pools;
+pub mod resolver;
 pub mod server;
