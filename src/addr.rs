@@ -229,7 +229,14 @@ mod tests {
                 Err(want.clone()),
                 "{start} {end}"
             );
-            assert!(!want.to_string().is_empty());
+            // One line, naming the input that was wrong (quoted) or the count.
+            let message = want.to_string();
+            assert!(!message.contains('\n'), "{message}");
+            let quoted = format!("{start:?}");
+            assert!(
+                message.contains(&quoted) || message.contains("131073"),
+                "{message:?} names neither {quoted} nor the count"
+            );
         }
     }
 

@@ -861,12 +861,22 @@ mod tests {
     }
 
     #[test]
-    fn tiny_networks_from_a_hand_edited_config_do_not_panic() {
+    fn tiny_networks_from_a_hand_edited_config_are_handed_out_then_exhausted() {
+        // ip-range never writes these; by hand, pool/ holds every address of the network.
         for n in ["255.255.255.255/32", "192.0.2.0/31"] {
             let n = net(n);
             let (kv, keys) = pool(n);
             let mut alloc = Allocator::new(&kv);
-            let _ = alloc.take_any(&keys, n, &owner("02:42:00:00:00:01"));
+            let mut taken = HashSet::new();
+            for i in 0..n.hosts().count() {
+                let got = alloc.take_any(&keys, n, &owner(&format!("02:42:00:00:00:{i:02x}")));
+                let got = got.unwrap_or_else(|e| panic!("{n}: {e}"));
+                assert!(n.contains(&got) && taken.insert(got), "{n}: {got}");
+            }
+            assert_eq!(
+                alloc.take_any(&keys, n, &owner("02:42:00:00:00:ff")),
+                Err(AllocError::Exhausted { net: n })
+            );
         }
     }
 

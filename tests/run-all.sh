@@ -25,6 +25,12 @@ for tool in etcd etcdctl dockerd docker busybox ip nsenter unshare rpmbuild rpml
             flock timeout cpio rpm2cpio curl; do
     command -v "$tool" >/dev/null || { echo "FATAL: $tool is missing after install" >&2; exit 1; }
 done
+# The RPM's binary is static (musl). Rust comes from rustup here (Debian's rustc has no musl
+# target): without rustup, say so rather than fail obscurely later.
+command -v rustup >/dev/null || {
+    echo "FATAL: rustup is missing: install Rust with rustup (https://rustup.rs), then rerun" >&2
+    exit 1
+}
 rustup target list --installed | grep -qx x86_64-unknown-linux-musl \
     || rustup target add x86_64-unknown-linux-musl
 
