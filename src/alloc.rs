@@ -51,6 +51,8 @@ pub enum AllocError {
     NotInPool { addr: Ipv4Addr, net: Ipv4Net },
     /// Other writers won every compare-and-swap until the attempts ran out.
     Contended { net: Ipv4Net, attempts: u32 },
+    /// The record of `addr` changed under every release attempt until they ran out.
+    ReleaseContended { addr: Ipv4Addr, attempts: u32 },
     /// The store failed.
     Store(StoreError),
     /// etcd did not answer within the allocation's time bound whether a change was applied;
@@ -70,6 +72,10 @@ impl fmt::Display for AllocError {
                 f,
                 "gave up taking an address from pool {net} after {attempts} attempts lost to \
                  concurrent requests"
+            ),
+            AllocError::ReleaseContended { addr, attempts } => write!(
+                f,
+                "gave up releasing {addr} after its record changed under {attempts} attempts"
             ),
             AllocError::Store(e) => write!(f, "{e}"),
             AllocError::Unsettled { why, what } => write!(f, "{why}; {what}"),
@@ -569,7 +575,10 @@ impl<K: Kv> Allocator<K> {
                     Op::delete(keys.assigned(addr)),
                     Op::put(keys.pool(addr), ""),
                 ],
-                failure: vec![Op::Range(Range::key(keys.assigned(addr)))],
+                failure: vec![
+                    Op::Range(Range::key(keys.assigned(addr))),
+                    Op::Range(Range::key(keys.pool(addr))),
+                ],
             };
             match self.txn_resent(&txn, deadline) {
                 // Done, or an earlier unanswered send was applied (the record is gone, or was
@@ -584,7 +593,9 @@ impl<K: Kv> Allocator<K> {
                     });
                 }
                 // Not what this allocator wrote any more: the general path, from this read.
-                Ok((outcome, _)) => first_read = Some(outcome.range(0).to_vec()),
+                Ok((outcome, _)) => {
+                    first_read = Some((outcome.range(0).to_vec(), !outcome.range(1).is_empty()))
+                }
                 Err(e) => return Err(self.unsettled_release(e, keys, addr, host, None, asked)),
             }
         }
@@ -592,7 +603,7 @@ impl<K: Kv> Allocator<K> {
         for _ in 0..MAX_ATTEMPTS {
             let found = match first_read
                 .take()
-                .map_or_else(|| self.kv.range(&Range::key(keys.assigned(addr))), Ok)
+                .map_or_else(|| self.read_both(keys, addr), Ok)
             {
                 Ok(found) => found,
                 Err(e) => {
@@ -600,12 +611,14 @@ impl<K: Kv> Allocator<K> {
                     return Err(self.unsettled_release(e, keys, addr, host, mod_revision, asked));
                 }
             };
+            let (found, free) = found;
             let Some(held) = found.into_iter().next() else {
                 return Ok(match (unanswered, read) {
                     // Gone after our unanswered move: that move was applied.
                     (true, Some(kv)) => Released::Freed {
                         holder: describe_holder(&kv.value),
                     },
+                    _ if free => Released::AlreadyFree,
                     _ => Released::Unknown,
                 });
             };
@@ -661,10 +674,28 @@ impl<K: Kv> Allocator<K> {
                 }
             }
         }
-        Err(AllocError::Contended {
-            net: Ipv4Net::from(addr),
+        Err(AllocError::ReleaseContended {
+            addr,
             attempts: MAX_ATTEMPTS,
         })
+    }
+
+    /// What `assigned/` holds for `addr`, and whether `pool/` has it: one request.
+    fn read_both(
+        &self,
+        keys: &PoolKeys,
+        addr: Ipv4Addr,
+    ) -> Result<(Vec<KeyValue>, bool), StoreError> {
+        let txn = Txn {
+            compares: vec![],
+            success: vec![
+                Op::Range(Range::key(keys.assigned(addr))),
+                Op::Range(Range::key(keys.pool(addr))),
+            ],
+            failure: vec![],
+        };
+        let outcome = self.kv.txn(&txn)?;
+        Ok((outcome.range(0).to_vec(), !outcome.range(1).is_empty()))
     }
 
     /// Keeps a release etcd did not answer, to finish it once etcd answers.
@@ -976,6 +1007,10 @@ mod tests {
         assert_eq!(kv.dump(), before);
         assert_eq!(
             alloc.release_container(&keys, a("192.0.2.5"), "h1"),
+            Ok(Released::AlreadyFree)
+        );
+        assert_eq!(
+            alloc.release_container(&keys, a("198.51.100.5"), "h1"),
             Ok(Released::Unknown)
         );
     }
