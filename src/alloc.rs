@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ipnet::Ipv4Net;
 
 use crate::kv::{prefix_end, Compare, KeyValue, Kv, Op, Range, StoreError, Txn};
-use crate::layout::{describe_holder, Owner, PoolKeys, Role};
+use crate::layout::{describe_holder, HostMatch, Owner, PoolKeys, Role};
 
 /// How many free keys one look at a window brings back as candidates.
 const WINDOW_LIMIT: u64 = 64;
@@ -273,13 +273,14 @@ impl<K: Kv> Allocator<K> {
         }
     }
 
-    /// Gives back an address a container on `host` held (Docker's ReleaseAddress). Addresses
-    /// reserved for another role, held by another host, or not held at all stay as they are.
-    pub fn release_container(
+    /// Gives back an address a container on `host` held, or a gateway `host` reserved
+    /// (Docker's ReleaseAddress). Aux addresses (every host's network names them), addresses
+    /// held by another host, or not held at all stay as they are.
+    pub fn release_container<H: HostMatch + ?Sized>(
         &mut self,
         keys: &PoolKeys,
         addr: Ipv4Addr,
-        host: &str,
+        host: &H,
     ) -> Result<Released, AllocError> {
         // Read, then move only if unchanged since the read: a concurrent re-take is never undone.
         for _ in 0..MAX_ATTEMPTS {
@@ -294,8 +295,11 @@ impl<K: Kv> Allocator<K> {
             if let Some(owner) = Owner::from_json(&held.value) {
                 // The original recorded no host: whichever host's Docker releases one of its
                 // containers' addresses is the one that had it.
-                let ours =
-                    owner.role == Role::Container && (owner.host == host || owner.is_original());
+                let ours = match owner.role {
+                    Role::Container => host.is_holder(&owner) || owner.is_original(),
+                    Role::Gateway => host.is_holder(&owner) && !owner.is_original(),
+                    Role::Aux | Role::Host => false,
+                };
                 if !ours {
                     return Ok(Released::Kept {
                         holder: owner.describe(),
@@ -338,6 +342,54 @@ impl<K: Kv> Allocator<K> {
             failure: vec![],
         };
         Ok(self.kv.txn(&txn)?.succeeded)
+    }
+
+    /// Gives back `addr` (an operator's `release-ip`/`release-host`) unless its record is one
+    /// `guarded` says to keep: then nothing changes and `Kept` says who holds it. The move is
+    /// guarded by the revision read, so a record that changes meanwhile is read again.
+    pub fn release_unless(
+        &mut self,
+        keys: &PoolKeys,
+        addr: Ipv4Addr,
+        guarded: impl Fn(&Owner) -> bool,
+    ) -> Result<Released, AllocError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let txn = Txn {
+                compares: vec![Compare::Exists(keys.assigned(addr))],
+                success: vec![Op::Range(Range::key(keys.assigned(addr)))],
+                failure: vec![Op::Range(Range::key(keys.pool(addr)))],
+            };
+            let outcome = self.kv.txn(&txn)?;
+            let Some(held) = outcome.range(0).first().filter(|_| outcome.succeeded) else {
+                return Ok(if outcome.range(0).is_empty() {
+                    Released::Unknown
+                } else {
+                    Released::AlreadyFree
+                });
+            };
+            if let Some(owner) = Owner::from_json(&held.value).filter(|o| guarded(o)) {
+                return Ok(Released::Kept {
+                    holder: owner.describe(),
+                });
+            }
+            let txn = Txn {
+                compares: vec![Compare::ModRevision(held.key.clone(), held.mod_revision)],
+                success: vec![
+                    Op::delete(keys.assigned(addr)),
+                    Op::put(keys.pool(addr), ""),
+                ],
+                failure: vec![],
+            };
+            if self.kv.txn(&txn)?.succeeded {
+                return Ok(Released::Freed {
+                    holder: describe_holder(&held.value),
+                });
+            }
+        }
+        Err(AllocError::Contended {
+            net: Ipv4Net::from(addr),
+            attempts: MAX_ATTEMPTS,
+        })
     }
 
     /// Gives back `addr` whoever holds it (an operator's `release-ip`/`release-host`).
@@ -549,8 +601,9 @@ mod tests {
         assert!(alloc
             .take_any(&keys, n, &owner("02:42:00:00:00:09"))
             .is_err());
+        // Another host's release leaves it; the host that reserved it frees it (see below).
         assert!(matches!(
-            alloc.release_container(&keys, a("192.0.2.1"), "h1"),
+            alloc.release_container(&keys, a("192.0.2.1"), "h2"),
             Ok(Released::Kept { .. })
         ));
         assert!(kv
@@ -629,6 +682,69 @@ mod tests {
             alloc.release_container(&keys, held, "any-host"),
             Ok(Released::Freed { .. })
         ));
+    }
+
+    #[test]
+    fn a_gateway_goes_back_when_the_host_that_reserved_it_releases_it() {
+        let n = net("192.0.2.0/29");
+        let (kv, keys) = pool(n);
+        let before = kv.dump();
+        let mut alloc = Allocator::new(&kv);
+        let me = crate::layout::HostIdentity::new("h1", "id-1");
+        alloc
+            .reserve(&keys, a("192.0.2.1"), &me.owner(Role::Gateway, ""))
+            .unwrap();
+        alloc
+            .reserve(&keys, a("192.0.2.2"), &me.owner(Role::Aux, ""))
+            .unwrap();
+        let other = crate::layout::HostIdentity::new("h1", "id-2");
+        assert!(matches!(
+            alloc.release_container(&keys, a("192.0.2.1"), &other),
+            Ok(Released::Kept { .. })
+        ));
+        // Renamed, same identity: still the host that reserved it.
+        let renamed = crate::layout::HostIdentity::new("h1-renamed", "id-1");
+        assert!(matches!(
+            alloc.release_container(&keys, a("192.0.2.1"), &renamed),
+            Ok(Released::Freed { .. })
+        ));
+        assert!(matches!(
+            alloc.release_container(&keys, a("192.0.2.2"), &renamed),
+            Ok(Released::Kept { .. })
+        ));
+        alloc.release_any(&keys, a("192.0.2.2")).unwrap();
+        assert_eq!(kv.dump(), before);
+    }
+
+    #[test]
+    fn a_guarded_release_keeps_what_the_guard_names() {
+        let n = net("192.0.2.0/24");
+        let (kv, keys) = pool(n);
+        let mut alloc = Allocator::new(&kv);
+        alloc
+            .take(&keys, n, a("192.0.2.5"), &owner("02:42:00:00:00:01"))
+            .unwrap();
+        let taken = kv.dump();
+        let containers = |o: &Owner| o.role == Role::Container;
+        assert_eq!(
+            alloc.release_unless(&keys, a("192.0.2.5"), containers),
+            Ok(Released::Kept {
+                holder: "host h1 (mac 02:42:00:00:00:01)".into()
+            })
+        );
+        assert_eq!(kv.dump(), taken);
+        assert!(matches!(
+            alloc.release_unless(&keys, a("192.0.2.5"), |_| false),
+            Ok(Released::Freed { .. })
+        ));
+        assert_eq!(
+            alloc.release_unless(&keys, a("192.0.2.5"), containers),
+            Ok(Released::AlreadyFree)
+        );
+        assert_eq!(
+            alloc.release_unless(&keys, a("198.51.100.5"), containers),
+            Ok(Released::Unknown)
+        );
     }
 
     #[test]

@@ -174,6 +174,8 @@ impl Host {
             ])
             .args(args)
             .env("DOCKER_HOST", self.docker_host())
+            // The simulated hosts share this machine's /etc/machine-id, as clones would.
+            .env("HOST_ID", format!("id-{}", self.name))
             .stdin(Stdio::null());
         c
     }
