@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ipnet::Ipv4Net;
 
 use crate::kv::{prefix_end, Compare, KeyValue, Kv, Op, Range, StoreError, Txn, TxnOutcome};
-use crate::layout::{describe_holder, Owner, PoolKeys, Role};
+use crate::layout::{describe_holder, HostIdentity, HostMatch, Owner, PoolKeys, Role};
 
 /// Most records of its own an allocator remembers (a host holds far fewer).
 const MAX_REMEMBERED: usize = 65_536;
@@ -128,7 +128,7 @@ pub enum Unsettled {
     Release {
         keys: PoolKeys,
         addr: Ipv4Addr,
-        host: String,
+        host: HostIdentity,
         mod_revision: Option<i64>,
         asked: String,
     },
@@ -146,8 +146,9 @@ impl fmt::Display for Unsettled {
                 keys, addr, host, ..
             } => write!(
                 f,
-                "{} was released by Docker on host {host} but etcd did not free it",
-                keys.assigned(*addr)
+                "{} was released by Docker on host {} but etcd did not free it",
+                keys.assigned(*addr),
+                host.name
             ),
         }
     }
@@ -301,9 +302,12 @@ impl<K: Kv> Allocator<K> {
                 let same = match mod_revision {
                     Some(rev) => held.mod_revision == *rev,
                     None => Owner::from_json(&held.value).is_some_and(|o| {
-                        o.role == Role::Container
-                            && (o.host == *host || o.is_original())
-                            && o.since.as_str() <= asked.as_str()
+                        let holder = match o.role {
+                            Role::Container => host.is_holder(&o) || o.is_original(),
+                            Role::Gateway => host.is_holder(&o) && !o.is_original(),
+                            Role::Aux | Role::Host => false,
+                        };
+                        holder && o.since.as_str() <= asked.as_str()
                     }),
                 };
                 if same && self.free_if_unchanged(keys, *addr, held.mod_revision)? {
@@ -548,15 +552,15 @@ impl<K: Kv> Allocator<K> {
         }
     }
 
-    /// Gives back an address a container on `host` held (Docker's ReleaseAddress). Addresses
-    /// reserved for another role, held by another host, or not held at all stay as they are.
-    /// A release etcd leaves unanswered is kept and finished once etcd answers: Docker does not
-    /// ask twice.
-    pub fn release_container(
+    /// Gives back an address a container on `host` held, or a gateway `host` reserved
+    /// (Docker's ReleaseAddress). Aux addresses (every host's network names them), addresses
+    /// held by another host, or not held at all stay as they are. A release etcd leaves
+    /// unanswered is kept and finished once etcd answers: Docker does not ask twice.
+    pub fn release_container<H: HostMatch + ?Sized>(
         &mut self,
         keys: &PoolKeys,
         addr: Ipv4Addr,
-        host: &str,
+        host: &H,
     ) -> Result<Released, AllocError> {
         let deadline = Instant::now() + self.time_limit;
         let asked = crate::layout::rfc3339_now();
@@ -566,7 +570,7 @@ impl<K: Kv> Allocator<K> {
         let mut first_read = None;
         // The common case, a record this allocator wrote: one transaction comparing its value.
         let remembered = self.written.remove(&keys.assigned(addr)).filter(|value| {
-            Owner::from_json(value).is_some_and(|o| o.role == Role::Container && o.host == host)
+            Owner::from_json(value).is_some_and(|o| o.role == Role::Container && host.is_holder(&o))
         });
         if let Some(value) = remembered {
             let txn = Txn {
@@ -596,7 +600,9 @@ impl<K: Kv> Allocator<K> {
                 Ok((outcome, _)) => {
                     first_read = Some((outcome.range(0).to_vec(), !outcome.range(1).is_empty()))
                 }
-                Err(e) => return Err(self.unsettled_release(e, keys, addr, host, None, asked)),
+                Err(e) => {
+                    return Err(self.unsettled_release(e, keys, addr, host.identity(), None, asked))
+                }
             }
         }
         // Read, then move only if unchanged since the read: a concurrent re-take is never undone.
@@ -608,7 +614,14 @@ impl<K: Kv> Allocator<K> {
                 Ok(found) => found,
                 Err(e) => {
                     let mod_revision = read.as_ref().map(|kv| kv.mod_revision);
-                    return Err(self.unsettled_release(e, keys, addr, host, mod_revision, asked));
+                    return Err(self.unsettled_release(
+                        e,
+                        keys,
+                        addr,
+                        host.identity(),
+                        mod_revision,
+                        asked,
+                    ));
                 }
             };
             let (found, free) = found;
@@ -634,8 +647,11 @@ impl<K: Kv> Allocator<K> {
             if let Some(owner) = Owner::from_json(&held.value) {
                 // The original recorded no host: whichever host's Docker releases one of its
                 // containers' addresses is the one that had it.
-                let ours =
-                    owner.role == Role::Container && (owner.host == host || owner.is_original());
+                let ours = match owner.role {
+                    Role::Container => host.is_holder(&owner) || owner.is_original(),
+                    Role::Gateway => host.is_holder(&owner) && !owner.is_original(),
+                    Role::Aux | Role::Host => false,
+                };
                 if !ours {
                     return Ok(Released::Kept {
                         holder: owner.describe(),
@@ -667,7 +683,7 @@ impl<K: Kv> Allocator<K> {
                         e,
                         keys,
                         addr,
-                        host,
+                        host.identity(),
                         Some(mod_revision),
                         asked,
                     ))
@@ -704,14 +720,14 @@ impl<K: Kv> Allocator<K> {
         why: StoreError,
         keys: &PoolKeys,
         addr: Ipv4Addr,
-        host: &str,
+        host: HostIdentity,
         mod_revision: Option<i64>,
         asked: String,
     ) -> AllocError {
         let item = Unsettled::Release {
             keys: keys.clone(),
             addr,
-            host: host.into(),
+            host,
             mod_revision,
             asked,
         };
@@ -739,6 +755,54 @@ impl<K: Kv> Allocator<K> {
             failure: vec![],
         };
         Ok(self.kv.txn(&txn)?.succeeded)
+    }
+
+    /// Gives back `addr` (an operator's `release-ip`/`release-host`) unless its record is one
+    /// `guarded` says to keep: then nothing changes and `Kept` says who holds it. The move is
+    /// guarded by the revision read, so a record that changes meanwhile is read again.
+    pub fn release_unless(
+        &mut self,
+        keys: &PoolKeys,
+        addr: Ipv4Addr,
+        guarded: impl Fn(&Owner) -> bool,
+    ) -> Result<Released, AllocError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let txn = Txn {
+                compares: vec![Compare::Exists(keys.assigned(addr))],
+                success: vec![Op::Range(Range::key(keys.assigned(addr)))],
+                failure: vec![Op::Range(Range::key(keys.pool(addr)))],
+            };
+            let outcome = self.kv.txn(&txn)?;
+            let Some(held) = outcome.range(0).first().filter(|_| outcome.succeeded) else {
+                return Ok(if outcome.range(0).is_empty() {
+                    Released::Unknown
+                } else {
+                    Released::AlreadyFree
+                });
+            };
+            if let Some(owner) = Owner::from_json(&held.value).filter(|o| guarded(o)) {
+                return Ok(Released::Kept {
+                    holder: owner.describe(),
+                });
+            }
+            let txn = Txn {
+                compares: vec![Compare::ModRevision(held.key.clone(), held.mod_revision)],
+                success: vec![
+                    Op::delete(keys.assigned(addr)),
+                    Op::put(keys.pool(addr), ""),
+                ],
+                failure: vec![],
+            };
+            if self.kv.txn(&txn)?.succeeded {
+                return Ok(Released::Freed {
+                    holder: describe_holder(&held.value),
+                });
+            }
+        }
+        Err(AllocError::Contended {
+            net: Ipv4Net::from(addr),
+            attempts: MAX_ATTEMPTS,
+        })
     }
 
     /// Gives back `addr` whoever holds it (an operator's `release-ip`/`release-host`).
@@ -962,8 +1026,9 @@ mod tests {
         assert!(alloc
             .take_any(&keys, n, &owner("02:42:00:00:00:09"))
             .is_err());
+        // Another host's release leaves it; the host that reserved it frees it (see below).
         assert!(matches!(
-            alloc.release_container(&keys, a("192.0.2.1"), "h1"),
+            alloc.release_container(&keys, a("192.0.2.1"), "h2"),
             Ok(Released::Kept { .. })
         ));
         assert!(kv
@@ -1046,6 +1111,69 @@ mod tests {
             alloc.release_container(&keys, held, "any-host"),
             Ok(Released::Freed { .. })
         ));
+    }
+
+    #[test]
+    fn a_gateway_goes_back_when_the_host_that_reserved_it_releases_it() {
+        let n = net("192.0.2.0/29");
+        let (kv, keys) = pool(n);
+        let before = kv.dump();
+        let mut alloc = Allocator::new(&kv);
+        let me = crate::layout::HostIdentity::new("h1", "id-1");
+        alloc
+            .reserve(&keys, a("192.0.2.1"), &me.owner(Role::Gateway, ""))
+            .unwrap();
+        alloc
+            .reserve(&keys, a("192.0.2.2"), &me.owner(Role::Aux, ""))
+            .unwrap();
+        let other = crate::layout::HostIdentity::new("h1", "id-2");
+        assert!(matches!(
+            alloc.release_container(&keys, a("192.0.2.1"), &other),
+            Ok(Released::Kept { .. })
+        ));
+        // Renamed, same identity: still the host that reserved it.
+        let renamed = crate::layout::HostIdentity::new("h1-renamed", "id-1");
+        assert!(matches!(
+            alloc.release_container(&keys, a("192.0.2.1"), &renamed),
+            Ok(Released::Freed { .. })
+        ));
+        assert!(matches!(
+            alloc.release_container(&keys, a("192.0.2.2"), &renamed),
+            Ok(Released::Kept { .. })
+        ));
+        alloc.release_any(&keys, a("192.0.2.2")).unwrap();
+        assert_eq!(kv.dump(), before);
+    }
+
+    #[test]
+    fn a_guarded_release_keeps_what_the_guard_names() {
+        let n = net("192.0.2.0/24");
+        let (kv, keys) = pool(n);
+        let mut alloc = Allocator::new(&kv);
+        alloc
+            .take(&keys, n, a("192.0.2.5"), &owner("02:42:00:00:00:01"))
+            .unwrap();
+        let taken = kv.dump();
+        let containers = |o: &Owner| o.role == Role::Container;
+        assert_eq!(
+            alloc.release_unless(&keys, a("192.0.2.5"), containers),
+            Ok(Released::Kept {
+                holder: "host h1 (mac 02:42:00:00:00:01)".into()
+            })
+        );
+        assert_eq!(kv.dump(), taken);
+        assert!(matches!(
+            alloc.release_unless(&keys, a("192.0.2.5"), |_| false),
+            Ok(Released::Freed { .. })
+        ));
+        assert_eq!(
+            alloc.release_unless(&keys, a("192.0.2.5"), containers),
+            Ok(Released::AlreadyFree)
+        );
+        assert_eq!(
+            alloc.release_unless(&keys, a("198.51.100.5"), containers),
+            Ok(Released::Unknown)
+        );
     }
 
     #[test]

@@ -35,6 +35,9 @@ Commands:
   release-host    give a host address back to the pool
   create-network  take this host's address, create the Docker network and br0's config
   migrate-v2      bring the original tool's pools over from etcd's v2 keyspace
+  show            list the pools, and each address in use with its holder
+  check           check the pools' invariants in etcd (read-only)
+  reconcile       compare this host's Docker endpoints with etcd; --apply fixes
   help [COMMAND]  print this help or a command's (also: h)
 
 Global flags:
@@ -43,6 +46,8 @@ Global flags:
   --store-prefix PATH   etcd key prefix of this installation (default /talkingdata)
   --timeout SECONDS     time limit of each etcd request (default 3)
   --debug               log debug messages [env DEBUG=true]
+  --host-id ID          this host's stable identity in owner records [env HOST_ID]
+                        (default: derived from /etc/machine-id)
   -h, --help            print help (also: COMMAND --help)
   -v, -V, --version     print the version
 
@@ -62,45 +67,107 @@ Flags:
 ";
 
 const IP_RANGE_HELP: &str = "\
-Usage: oam-docker-ipam [GLOBAL FLAGS] ip-range --ip-start A/N --ip-end B/N
+Usage: oam-docker-ipam [GLOBAL FLAGS] ip-range --ip-start A/N --ip-end B/N [--remove]
 
 Add every address from A to B (both in the same /N network) to that network's
 container pool. Addresses in use, the network and broadcast addresses and the
 hosts' gateway are not pooled. Running it again changes nothing.
 
+With --remove, take the free addresses from A to B out of the pool instead;
+refused, naming them, if any of them is in use. When no address of the
+network would be left, its config goes first, so Docker cannot use the pool.
+
 Flags:
   --ip-start A/N  first address of the range, with its prefix length
   --ip-end B/N    last address of the range, with the same prefix length
+  --remove        take the range out of the pool
 ";
 
 const RELEASE_IP_HELP: &str = "\
-Usage: oam-docker-ipam [GLOBAL FLAGS] release-ip --ip A/N
+Usage: oam-docker-ipam [GLOBAL FLAGS] release-ip --ip A/N [--force]
 
-Give a container address back to the pool of its network, whoever holds it.
+Give an address back to the pool of its network. An address recorded for a
+container is refused, naming its holder, unless --force.
 
 Flags:
   --ip A/N  the address, with its network's prefix length
+  --force   release it even if a container holds it
 ";
 
 const HOST_RANGE_HELP: &str = "\
 Usage: oam-docker-ipam [GLOBAL FLAGS] host-range --ip-start A/N --ip-end B/N --gateway G
+       [--force | --remove]
 
 Add every address from A to B to the host pool and record the hosts' subnet and
-gateway. The gateway must be in the subnet and is never pooled.
+gateway. The gateway must be in the subnet and is never pooled. A gateway other
+than the recorded one is refused unless --force, which changes it and says what
+changed.
+
+With --remove, take the free addresses from A to B out of the host pool instead
+(--gateway may then be left out); refused, naming them, if any is in use. When
+no host address would be left, the hosts' config goes first.
 
 Flags:
   --ip-start A/N  first host address, with its prefix length
   --ip-end B/N    last host address, with the same prefix length
   --gateway G     the hosts' router
+  --force         change the recorded gateway to G
+  --remove        take the range out of the host pool
 ";
 
 const RELEASE_HOST_HELP: &str = "\
-Usage: oam-docker-ipam [GLOBAL FLAGS] release-host --ip A[/N]
+Usage: oam-docker-ipam [GLOBAL FLAGS] release-host --ip A[/N] [--force]
 
-Give a host address back to the host pool, whoever holds it.
+Give a host address back to the host pool. An address recorded as a host's own
+is refused, naming the host, unless --force.
 
 Flags:
   --ip A[/N]  the host address (a prefix length, if given, must be the hosts')
+  --force     release it even if a host holds it as its own
+";
+
+const SHOW_HELP: &str = "\
+Usage: oam-docker-ipam [GLOBAL FLAGS] show [--json] [--ip A] [NETWORK]
+
+List every pool (the hosts' and each container network's): its range, size,
+free addresses, and those in use by containers or hosts, reserved (gateway or
+aux address) or held by the original tool. With NETWORK (a container network
+as A.B.C.D/N or its network address, or hosts), also each address in use and
+its holder (role, host, MAC, since). With --ip, where A is and who holds it.
+
+Flags:
+  --json  print JSON (documented in the README and man page)
+  --ip A  show the address A in every pool that has it
+";
+
+const CHECK_HELP: &str = "\
+Usage: oam-docker-ipam [GLOBAL FLAGS] check [--json]
+
+Check the pools' invariants in one consistent read of etcd: pool/ and assigned/
+disjoint; every key an address of its network; network, broadcast and the hosts'
+gateway never pooled; configs present and parseable; owner records parseable;
+the host pool and container pools apart. Prints one line per violation naming
+the key, and notes on reserved addresses. Exit status 0 when all hold, 1 if not.
+Changes nothing.
+
+Flags:
+  --json  print JSON (documented in the README and man page)
+";
+
+const RECONCILE_HELP: &str = "\
+Usage: oam-docker-ipam [GLOBAL FLAGS] reconcile [--apply]
+
+On a Docker host: compare the endpoints of this host's networks whose IPAM
+driver is talkingdata (read with the docker command, so DOCKER_HOST applies)
+with what etcd records for this host. Reports leaked addresses (recorded for
+this host, no endpoint has them), orphaned ones (an endpoint has an address
+etcd has free), conflicting ones (an endpoint has an address etcd records for
+another holder) and the original tool's records a local endpoint has. Without
+--apply nothing changes and the exit status is 1 if anything was found.
+
+Flags:
+  --apply  free leaked addresses, record orphaned ones and adopt the original's
+           for their endpoint (each a compare-and-swap); conflicts are reported
 ";
 
 const MIGRATE_V2_HELP: &str = "\
@@ -204,6 +271,8 @@ pub struct Global {
     pub store_prefix: String,
     pub timeout: Duration,
     pub debug: bool,
+    /// `--host-id`: this host's stable identity, overriding HOST_ID and /etc/machine-id.
+    pub host_id: Option<String>,
     /// Settings that were ignored, to be logged once logging is set up.
     pub warnings: Vec<String>,
 }
@@ -222,6 +291,22 @@ pub struct NetworkFlags {
     pub dry_run: bool,
 }
 
+/// Which pool `show` lists the addresses of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolName {
+    Hosts,
+    /// A container network: its network address, and its prefix length if one was given.
+    Containers(Ipv4Addr, Option<u8>),
+}
+
+/// `show`'s settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShowFlags {
+    pub json: bool,
+    pub ip: Option<Ipv4Addr>,
+    pub pool: Option<PoolName>,
+}
+
 /// What to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
@@ -233,18 +318,40 @@ pub enum Command {
     IpRange {
         range: AddrRange,
     },
+    /// `force`: also an address a container holds.
     ReleaseIp {
         addr: Ipv4Addr,
         net: Ipv4Net,
+        force: bool,
     },
+    /// `force`: change the recorded gateway if it differs.
     HostRange {
         range: AddrRange,
         gateway: Ipv4Addr,
+        force: bool,
     },
     /// `prefix_len`: given as `A/N` (the original's spelling), checked against the hosts'.
+    /// `force`: also an address a host holds as its own.
     ReleaseHost {
         addr: Ipv4Addr,
         prefix_len: Option<u8>,
+        force: bool,
+    },
+    /// `ip-range --remove`.
+    RemoveIpRange {
+        range: AddrRange,
+    },
+    /// `host-range --remove`; `gateway`, if given, must be the recorded one.
+    RemoveHostRange {
+        range: AddrRange,
+        gateway: Option<Ipv4Addr>,
+    },
+    Show(ShowFlags),
+    Check {
+        json: bool,
+    },
+    Reconcile {
+        apply: bool,
     },
     CreateNetwork(NetworkFlags),
     MigrateV2 {
@@ -274,6 +381,10 @@ const LONG_FLAGS: &[&str] = &[
     "force",
     "no-restart",
     "dry-run",
+    "host-id",
+    "remove",
+    "json",
+    "apply",
 ];
 
 /// `-cluster-store=URL` → `--cluster-store=URL`: the original's CLI library (urfave/cli)
@@ -321,6 +432,7 @@ pub fn parse(
     };
     let mut store_prefix = DEFAULT_STORE_PREFIX.to_string();
     let mut timeout = DEFAULT_TIMEOUT_SECS;
+    let mut host_id = None;
     let command = loop {
         match parser.next()? {
             Some(Long("cluster-store")) => store = text(parser.value()?, "--cluster-store")?,
@@ -330,6 +442,12 @@ pub fn parse(
             Some(Long("timeout")) => {
                 let v = text(parser.value()?, "--timeout")?;
                 timeout = parse_seconds(&v)?;
+            }
+            Some(Long("host-id")) => {
+                host_id = Some(parse_host_id(
+                    "--host-id",
+                    &text(parser.value()?, "--host-id")?,
+                )?);
             }
             Some(Long("debug")) => {
                 debug = match parser.optional_value() {
@@ -354,6 +472,7 @@ pub fn parse(
         store_prefix: parse_prefix(&store_prefix)?,
         timeout: Duration::from_secs_f64(timeout),
         debug,
+        host_id,
         warnings,
     };
     let command = match command.as_str() {
@@ -364,6 +483,9 @@ pub fn parse(
         "release-host" => parse_release_host(&mut parser)?,
         "create-network" => parse_create_network(&mut parser)?,
         "migrate-v2" => parse_migrate_v2(&mut parser)?,
+        "show" => parse_show(&mut parser)?,
+        "check" => parse_check(&mut parser)?,
+        "reconcile" => parse_reconcile(&mut parser)?,
         _ => return Err(UsageError::UnknownCommand(command)),
     };
     Ok((global, command))
@@ -390,6 +512,9 @@ fn parse_help(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
         "release-host" => RELEASE_HOST_HELP,
         "create-network" => CREATE_NETWORK_HELP,
         "migrate-v2" => MIGRATE_V2_HELP,
+        "show" => SHOW_HELP,
+        "check" => CHECK_HELP,
+        "reconcile" => RECONCILE_HELP,
         "help" | "h" => HELP_HELP,
         _ => return Err(UsageError::UnknownCommand(name)),
     };
@@ -402,6 +527,7 @@ fn global_defaults() -> Global {
         store_prefix: DEFAULT_STORE_PREFIX.into(),
         timeout: Duration::from_secs_f64(DEFAULT_TIMEOUT_SECS),
         debug: false,
+        host_id: None,
         warnings: Vec::new(),
     }
 }
@@ -596,30 +722,129 @@ fn parse_range(flags: &CommandFlags, command: &'static str) -> Result<AddrRange,
 }
 
 fn parse_ip_range(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(parser, &["--ip-start", "--ip-end"], &[])?;
+    let flags = CommandFlags::read(parser, &["--ip-start", "--ip-end"], &["--remove"])?;
     if flags.help {
         return Ok(Command::Help(IP_RANGE_HELP));
     }
-    Ok(Command::IpRange {
-        range: parse_range(&flags, "ip-range")?,
-    })
+    let range = parse_range(&flags, "ip-range")?;
+    if flags.switch("--remove") {
+        return Ok(Command::RemoveIpRange { range });
+    }
+    Ok(Command::IpRange { range })
 }
 
 fn parse_host_range(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(parser, &["--ip-start", "--ip-end", "--gateway"], &[])?;
+    let flags = CommandFlags::read(
+        parser,
+        &["--ip-start", "--ip-end", "--gateway"],
+        &["--force", "--remove"],
+    )?;
     if flags.help {
         return Ok(Command::Help(HOST_RANGE_HELP));
     }
     let range = parse_range(&flags, "host-range")?;
+    let (force, remove) = (flags.switch("--force"), flags.switch("--remove"));
+    if force && remove {
+        return Err(UsageError::Invalid {
+            flag: "--force",
+            value: "--remove".into(),
+            reason: "--force changes the gateway of a range being added; not with --remove".into(),
+        });
+    }
+    if remove {
+        let gateway = match flags.get("--gateway") {
+            Some(g) => Some(addr_flag("--gateway", addr::parse_addr(g))?),
+            None => None,
+        };
+        return Ok(Command::RemoveHostRange { range, gateway });
+    }
     let gateway = addr_flag(
         "--gateway",
         addr::parse_addr(flags.need("host-range", "--gateway")?),
     )?;
-    Ok(Command::HostRange { range, gateway })
+    Ok(Command::HostRange {
+        range,
+        gateway,
+        force,
+    })
+}
+
+/// A host identity as typed: 1 to 64 printable ASCII characters, no spaces.
+pub fn parse_host_id(flag: &'static str, value: &str) -> Result<String, UsageError> {
+    let ok = !value.is_empty() && value.len() <= 64 && value.chars().all(|c| c.is_ascii_graphic());
+    if !ok {
+        return Err(UsageError::Invalid {
+            flag,
+            value: value.into(),
+            reason: "expected 1 to 64 printable ASCII characters without spaces".into(),
+        });
+    }
+    Ok(value.into())
+}
+
+fn parse_show(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
+    let mut show = ShowFlags {
+        json: false,
+        ip: None,
+        pool: None,
+    };
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Command::Help(SHOW_HELP)),
+            Long("json") => show.json = true,
+            Long("ip") => {
+                let v = text(parser.value()?, "--ip")?;
+                show.ip = Some(addr_flag("--ip", addr::parse_addr(&v))?);
+            }
+            Value(v) if show.pool.is_none() => {
+                let v = text(v, "NETWORK")?;
+                show.pool = Some(parse_pool_name(&v)?);
+            }
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    Ok(Command::Show(show))
+}
+
+/// `hosts`, `A.B.C.D/N` (its network) or `A.B.C.D` (a network address, a pool ID).
+fn parse_pool_name(value: &str) -> Result<PoolName, UsageError> {
+    if value == "hosts" {
+        return Ok(PoolName::Hosts);
+    }
+    if value.contains('/') {
+        let net = addr_flag("NETWORK", addr::parse_cidr(value))?.trunc();
+        return Ok(PoolName::Containers(net.network(), Some(net.prefix_len())));
+    }
+    let addr = addr::parse_addr(value).map_err(|_| UsageError::Invalid {
+        flag: "NETWORK",
+        value: value.into(),
+        reason: "expected hosts, a network A.B.C.D/N or its network address".into(),
+    })?;
+    Ok(PoolName::Containers(addr, None))
+}
+
+fn parse_check(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
+    let flags = CommandFlags::read(parser, &[], &["--json"])?;
+    if flags.help {
+        return Ok(Command::Help(CHECK_HELP));
+    }
+    Ok(Command::Check {
+        json: flags.switch("--json"),
+    })
+}
+
+fn parse_reconcile(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
+    let flags = CommandFlags::read(parser, &[], &["--apply"])?;
+    if flags.help {
+        return Ok(Command::Help(RECONCILE_HELP));
+    }
+    Ok(Command::Reconcile {
+        apply: flags.switch("--apply"),
+    })
 }
 
 fn parse_release_ip(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(parser, &["--ip"], &[])?;
+    let flags = CommandFlags::read(parser, &["--ip"], &["--force"])?;
     if flags.help {
         return Ok(Command::Help(RELEASE_IP_HELP));
     }
@@ -634,11 +859,12 @@ fn parse_release_ip(parser: &mut lexopt::Parser) -> Result<Command, UsageError> 
     Ok(Command::ReleaseIp {
         addr: cidr.addr(),
         net,
+        force: flags.switch("--force"),
     })
 }
 
 fn parse_release_host(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(parser, &["--ip"], &[])?;
+    let flags = CommandFlags::read(parser, &["--ip"], &["--force"])?;
     if flags.help {
         return Ok(Command::Help(RELEASE_HOST_HELP));
     }
@@ -650,7 +876,11 @@ fn parse_release_host(parser: &mut lexopt::Parser) -> Result<Command, UsageError
     } else {
         (addr_flag("--ip", addr::parse_addr(ip))?, None)
     };
-    Ok(Command::ReleaseHost { addr, prefix_len })
+    Ok(Command::ReleaseHost {
+        addr,
+        prefix_len,
+        force: flags.switch("--force"),
+    })
 }
 
 fn parse_migrate_v2(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
@@ -830,6 +1060,23 @@ mod tests {
             &["create-network", "--mtu", "9"],
             &["create-network", "--bridge", "a/b"],
             &["server", "--bogus"],
+            &["--host-id", "a b", "server"],
+            &["--host-id", "", "server"],
+            &["show", "192.0.2.0/24", "198.51.100.0/24"],
+            &["show", "mynet"],
+            &["show", "--ip", "192.0.2.5/24"],
+            &["check", "extra"],
+            &["reconcile", "--force"],
+            &[
+                "host-range",
+                "--ip-start",
+                "192.0.2.10/24",
+                "--ip-end",
+                "192.0.2.20/24",
+                "--force",
+                "--remove",
+            ],
+            &["release-ip", "--ip", "192.0.2.5/24", "--force=yes"],
         ];
         for args in bad {
             let err = run(args).expect_err(&format!("{args:?} was accepted"));
@@ -867,7 +1114,8 @@ mod tests {
             run(&["release-host", "-ip", "192.0.2.54/24"]).unwrap().1,
             Command::ReleaseHost {
                 addr: "192.0.2.54".parse().unwrap(),
-                prefix_len: Some(24)
+                prefix_len: Some(24),
+                force: false
             }
         );
         assert_eq!(
@@ -909,6 +1157,64 @@ mod tests {
             ok,
             ["https://[::1]:2379", "http://etcd1:2379", "http://etcd2"]
         );
+    }
+
+    #[test]
+    fn reads_the_day_2_commands() {
+        let (g, c) = run(&["--host-id", "rack1-h7", "show", "--json", "192.0.2.5/24"]).unwrap();
+        assert_eq!(g.host_id.as_deref(), Some("rack1-h7"));
+        assert_eq!(
+            c,
+            Command::Show(ShowFlags {
+                json: true,
+                ip: None,
+                pool: Some(PoolName::Containers("192.0.2.0".parse().unwrap(), Some(24)))
+            })
+        );
+        assert_eq!(
+            run(&["show", "--ip", "192.0.2.5", "hosts"]).unwrap().1,
+            Command::Show(ShowFlags {
+                json: false,
+                ip: Some("192.0.2.5".parse().unwrap()),
+                pool: Some(PoolName::Hosts)
+            })
+        );
+        assert_eq!(
+            run(&["check", "-json"]).unwrap().1,
+            Command::Check { json: true }
+        );
+        assert_eq!(
+            run(&["reconcile", "--apply"]).unwrap().1,
+            Command::Reconcile { apply: true }
+        );
+        let remove = [
+            "ip-range",
+            "--ip-start",
+            "192.0.2.100/24",
+            "--ip-end",
+            "192.0.2.110/24",
+            "--remove",
+        ];
+        assert!(matches!(
+            run(&remove).unwrap().1,
+            Command::RemoveIpRange { .. }
+        ));
+        let (_, c) = run(&[
+            "host-range",
+            "--ip-start",
+            "192.0.2.10/24",
+            "--ip-end",
+            "192.0.2.20/24",
+            "--remove",
+        ])
+        .unwrap();
+        assert!(matches!(c, Command::RemoveHostRange { gateway: None, .. }));
+        assert!(matches!(
+            run(&["release-ip", "--ip", "192.0.2.5/24", "--force"])
+                .unwrap()
+                .1,
+            Command::ReleaseIp { force: true, .. }
+        ));
     }
 
     #[test]

@@ -3,18 +3,23 @@
 
 use std::fmt;
 use std::io::{IsTerminal, Write};
+use std::net::Ipv4Addr;
 
 use crate::alloc::{AllocError, Allocator, Released};
-use crate::cli::{Command, Global};
+use crate::cli::{Command, Global, ShowFlags, UsageError};
 use crate::etcd::Client;
 use crate::etcd::V2Tree;
+use crate::inspect::{self, Listing, ShowError, Snapshot};
 use crate::ipam::{self, Plugin};
 use crate::kv::{Kv, Range, StoreError};
 use crate::layout::{ContainerConfig, HostsConfig, Layout};
+use crate::layout::{HostIdentity, Role};
 use crate::migrate::{self, MigrateError};
 use crate::network::{self, NetworkError};
 use crate::pools::{self, PoolError};
+use crate::reconcile::{self, Outcome, ReconcileError};
 use crate::server::{self, BodyError, Reply, ServerError};
+use crate::shrink::{self, ShrinkError};
 
 /// Why a command failed at run time. Exit status 1.
 #[derive(Debug)]
@@ -34,6 +39,24 @@ pub enum Failure {
     /// etcd does not serve the v2 API that `migrate-v2` reads.
     V2NotServed,
     Store(StoreError),
+    /// `show` named a pool that is not there.
+    Show(ShowError),
+    /// `--remove` or a gateway change was refused or cut short.
+    Shrink(ShrinkError),
+    Reconcile(ReconcileError),
+    /// A guarded release: the address is held, and `--force` was not given.
+    Held {
+        addr: Ipv4Addr,
+        holder: String,
+    },
+    /// `check` or `reconcile` found this many problems (each printed on stdout).
+    Found {
+        count: usize,
+        what: &'static str,
+        hint: &'static str,
+    },
+    /// A setting from the environment is malformed.
+    Setting(UsageError),
 }
 
 impl fmt::Display for Failure {
@@ -54,7 +77,34 @@ impl fmt::Display for Failure {
                  with --enable-v2=true (etcd 3.3 to 3.5) and run migrate-v2 again"
             ),
             Failure::Store(e) => write!(f, "{e}"),
+            Failure::Show(e) => write!(f, "{e}"),
+            Failure::Shrink(e) => write!(f, "{e}"),
+            Failure::Reconcile(e) => write!(f, "{e}"),
+            Failure::Held { addr, holder } => write!(
+                f,
+                "{addr} is held by {holder}; nothing changed (--force releases it anyway)"
+            ),
+            Failure::Found { count, what, hint } => write!(f, "{count} {what}{hint}"),
+            Failure::Setting(e) => write!(f, "{e}"),
         }
+    }
+}
+
+impl From<ShowError> for Failure {
+    fn from(e: ShowError) -> Failure {
+        Failure::Show(e)
+    }
+}
+
+impl From<ShrinkError> for Failure {
+    fn from(e: ShrinkError) -> Failure {
+        Failure::Shrink(e)
+    }
+}
+
+impl From<ReconcileError> for Failure {
+    fn from(e: ReconcileError) -> Failure {
+        Failure::Reconcile(e)
     }
 }
 
@@ -120,7 +170,24 @@ pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
             println!("container pool {}: {report}", range.net);
             Ok(())
         }
-        Command::HostRange { range, gateway } => {
+        Command::HostRange {
+            range,
+            gateway,
+            force,
+        } => {
+            if force {
+                if let Some(change) =
+                    shrink::change_hosts_gateway(&etcd(), &layout, range.net, gateway)?
+                {
+                    println!("{change}");
+                    if range.contains(change.old) {
+                        println!(
+                            "{} (the old gateway) lies in the range and is pooled now; take it                              out with host-range --remove if the old router still uses it",
+                            change.old
+                        );
+                    }
+                }
+            }
             let mut progress = Progress::new("pooling host addresses");
             let report = pools::add_host_range(&etcd(), &layout, range, gateway, &mut |d, t| {
                 progress.show(d, t)
@@ -129,7 +196,7 @@ pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
             println!("host pool {} (gateway {gateway}): {report}", range.net);
             Ok(())
         }
-        Command::ReleaseIp { addr, net } => {
+        Command::ReleaseIp { addr, net, force } => {
             let etcd = etcd();
             let config = stored(&etcd, &layout.container_config(net.network()))?;
             if let Some(pool) = config.as_deref().and_then(ContainerConfig::parse) {
@@ -141,13 +208,19 @@ pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
                 }
             }
             let keys = layout.containers(net.network());
+            let released = Allocator::new(etcd)
+                .release_unless(&keys, addr, |o| !force && o.role == Role::Container)?;
             report_release(
-                Allocator::new(etcd).release_any(&keys, addr)?,
+                guarded(released, addr)?,
                 addr,
                 &format!("the container pool {net}"),
             )
         }
-        Command::ReleaseHost { addr, prefix_len } => {
+        Command::ReleaseHost {
+            addr,
+            prefix_len,
+            force,
+        } => {
             let etcd = etcd();
             if let Some(len) = prefix_len {
                 let config = stored(&etcd, &layout.hosts_config())?;
@@ -161,15 +234,39 @@ pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
                 }
             }
             let keys = layout.hosts();
-            report_release(
-                Allocator::new(etcd).release_any(&keys, addr)?,
-                addr,
-                "the host pool",
-            )
+            let released = Allocator::new(etcd)
+                .release_unless(&keys, addr, |o| !force && o.role == Role::Host)?;
+            report_release(guarded(released, addr)?, addr, "the host pool")
+        }
+        Command::RemoveIpRange { range } => {
+            let mut progress = Progress::new("removing container addresses");
+            let report = shrink::remove_container_range(&etcd(), &layout, range, &mut |d, t| {
+                progress.show(d, t)
+            });
+            progress.finish();
+            println!("container pool {}: {}", range.net, report?);
+            Ok(())
+        }
+        Command::RemoveHostRange { range, gateway } => {
+            let mut progress = Progress::new("removing host addresses");
+            let report =
+                shrink::remove_host_range(&etcd(), &layout, range, gateway, &mut |d, t| {
+                    progress.show(d, t)
+                });
+            progress.finish();
+            println!("host pool {}: {}", range.net, report?);
+            Ok(())
+        }
+        Command::Show(flags) => show(&etcd(), &layout, flags),
+        Command::Check { json } => check(&etcd(), &layout, json),
+        Command::Reconcile { apply } => {
+            let me = identity(global)?;
+            reconcile(&etcd(), &layout, &me, apply)
         }
         Command::MigrateV2 { dry_run } => migrate_v2(&etcd(), &layout, dry_run),
         Command::Server { socket } => {
-            let host = crate::layout::host_name();
+            let me = identity(global)?;
+            let host = me.name.clone();
             let listener = server::listen(&socket)?;
             log::info!(
                 "oam-docker-ipam {} serving pools under {} for host {host}",
@@ -180,12 +277,24 @@ pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
             // Docker's first call nor the signal handlers that serve installs.
             let (probe, endpoints) = (etcd(), global.endpoints.clone());
             std::thread::spawn(move || log_etcd(&probe, &endpoints));
-            let mut plugin = Served(Plugin::new(etcd(), layout, host));
+            log::info!(
+                "this host's identity: {}",
+                if me.id.is_empty() {
+                    "its name alone (no --host-id, HOST_ID nor /etc/machine-id)"
+                } else {
+                    &me.id
+                }
+            );
+            let plugin = Plugin::new(etcd(), layout, host).with_host_id(&me.id);
+            let mut plugin = Served(plugin);
             let served = server::serve(listener, &mut plugin);
             plugin.0.leave();
             Ok(served?)
         }
-        Command::CreateNetwork(flags) => Ok(network::create(etcd(), &layout, &flags)?),
+        Command::CreateNetwork(flags) => {
+            let me = identity(global)?;
+            Ok(network::create(etcd(), &layout, &flags, &me)?)
+        }
     }
 }
 
@@ -315,6 +424,130 @@ fn report_release(released: Released, addr: std::net::Ipv4Addr, pool: &str) -> R
             "{addr} is neither free nor assigned in {pool}"
         ))),
     }
+}
+
+/// This host: its name, and `--host-id`, else `HOST_ID`, else the identity derived from
+/// `/etc/machine-id`.
+fn identity(global: &Global) -> Result<HostIdentity, Failure> {
+    let given = match &global.host_id {
+        Some(id) => Some(id.clone()),
+        None => match std::env::var("HOST_ID") {
+            Ok(v) if !v.trim().is_empty() => {
+                Some(crate::cli::parse_host_id("HOST_ID", v.trim()).map_err(Failure::Setting)?)
+            }
+            _ => None,
+        },
+    };
+    Ok(HostIdentity::local(given.as_deref()))
+}
+
+/// A guarded release that found the address held is refused; any other result goes on.
+fn guarded(released: Released, addr: Ipv4Addr) -> Result<Released, Failure> {
+    match released {
+        Released::Kept { holder } => Err(Failure::Held { addr, holder }),
+        other => Ok(other),
+    }
+}
+
+/// `show`: one read of the store, printed as a table or JSON.
+fn show<K: Kv>(kv: &K, layout: &Layout, flags: ShowFlags) -> Result<(), Failure> {
+    let snap = Snapshot::read(kv, layout)?;
+    let listing = match (flags.ip, flags.json, flags.pool) {
+        (Some(ip), _, _) => Listing::Address(ip),
+        (None, true, _) | (None, false, Some(_)) => Listing::Assigned,
+        (None, false, None) => Listing::None,
+    };
+    let view = inspect::show(&snap, flags.pool, listing)?;
+    if flags.json {
+        println!("{}", pools::json(&view));
+    } else if let (Some(ip), true) = (flags.ip, view.pools.is_empty()) {
+        println!("{ip} is in no pool");
+    } else {
+        print!("{}", inspect::show_text(&view, listing != Listing::None));
+    }
+    Ok(())
+}
+
+/// `check`: every violation on a line of its own, then the verdict.
+fn check<K: Kv>(kv: &K, layout: &Layout, json: bool) -> Result<(), Failure> {
+    let report = inspect::check(&Snapshot::read(kv, layout)?);
+    if json {
+        println!("{}", pools::json(&report));
+    } else {
+        for v in &report.violations {
+            println!("{}: {}", v.key, v.problem);
+        }
+        for n in &report.notes {
+            println!("note: {}: {}", n.key, n.problem);
+        }
+        if report.ok {
+            println!(
+                "ok: {} pool(s), {} address key(s), every invariant holds",
+                report.pools, report.addresses
+            );
+        }
+    }
+    if report.ok {
+        Ok(())
+    } else {
+        Err(Failure::Found {
+            count: report.violations.len(),
+            what: "violation(s) found",
+            hint: "",
+        })
+    }
+}
+
+/// `reconcile`: Docker, then etcd, then Docker again; what differs, and with `apply` the fixes.
+fn reconcile<K: Kv>(
+    kv: &K,
+    layout: &Layout,
+    me: &HostIdentity,
+    apply: bool,
+) -> Result<(), Failure> {
+    let started = reconcile::now_secs();
+    let before = reconcile::docker_view()?;
+    let snap = Snapshot::read(kv, layout)?;
+    let after = reconcile::docker_view()?;
+    let found = reconcile::compare(&snap, &before, &after, me, started);
+    let mut left = 0;
+    let mut alloc = Allocator::new(kv);
+    for finding in &found {
+        if !apply {
+            println!("{finding}");
+            continue;
+        }
+        match reconcile::apply(&mut alloc, layout, &snap, me, finding)? {
+            Outcome::Fixed(done) => println!("{finding}: {done}"),
+            Outcome::Left(why) => {
+                left += 1;
+                println!("{finding}: left: {why}");
+            }
+        }
+    }
+    let endpoints = before.endpoints.len();
+    if found.is_empty() {
+        println!(
+            "in step: {endpoints} endpoint(s) on talkingdata networks, etcd agrees for host {}",
+            me.name
+        );
+        return Ok(());
+    }
+    if !apply {
+        return Err(Failure::Found {
+            count: found.len(),
+            what: "difference(s) between Docker and etcd",
+            hint: "; nothing changed (reconcile --apply fixes all but conflicts)",
+        });
+    }
+    if left > 0 {
+        return Err(Failure::Found {
+            count: left,
+            what: "difference(s) left for a person to resolve",
+            hint: "",
+        });
+    }
+    Ok(())
 }
 
 /// A count on stderr while a long write runs, only when stderr is a terminal.

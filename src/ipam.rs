@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::alloc::{Allocator, Released, Taken};
 use crate::kv::{Kv, Range};
-use crate::layout::{ContainerConfig, Layout, Owner, Role};
+use crate::layout::{ContainerConfig, HostIdentity, Layout, Owner, Role};
 use crate::pools::Original;
 
 /// The content type Docker's own plugin helpers answer with.
@@ -93,6 +93,8 @@ pub struct Plugin<K> {
     alloc: Allocator<K>,
     layout: Layout,
     host: String,
+    /// This host's stable identity (empty: the name alone identifies it).
+    host_id: String,
     networks: HashMap<Ipv4Addr, Ipv4Net>,
 }
 
@@ -103,8 +105,16 @@ impl<K: Kv> Plugin<K> {
             alloc: Allocator::new(kv),
             layout,
             host,
+            host_id: String::new(),
             networks: HashMap::new(),
         }
+    }
+
+    /// Records `id` as this host's stable identity in what it takes, and releases what
+    /// records carrying it hold even after a rename.
+    pub fn with_host_id(mut self, id: &str) -> Plugin<K> {
+        self.host_id = id.into();
+        self
     }
 
     /// Answers one call. Never panics on what a request contains.
@@ -295,7 +305,7 @@ impl<K: Kv> Plugin<K> {
                     role.as_str()
                 )));
             };
-            let owner = Owner::new(role, &self.host, "");
+            let owner = Owner::new(role, &self.host, "").with_host_id(&self.host_id);
             self.alloc.reserve(&keys, addr, &owner)?;
             return Ok(answer(addr));
         }
@@ -311,7 +321,8 @@ impl<K: Kv> Plugin<K> {
         if !is_mac(mac) {
             return Err(bad_request(format!("{mac:?} is not a MAC address")));
         }
-        let owner = Owner::new(Role::Container, &self.host, &mac.to_ascii_lowercase());
+        let owner = Owner::new(Role::Container, &self.host, &mac.to_ascii_lowercase())
+            .with_host_id(&self.host_id);
         let addr = match wanted {
             Some(addr) => {
                 if self.alloc.take(&keys, net, addr, &owner)? == Taken::AlreadyYours {
@@ -333,7 +344,8 @@ impl<K: Kv> Plugin<K> {
             .parse()
             .map_err(|_| bad_request(format!("{:?} is not an IPv4 address", request.address)))?;
         let keys = self.layout.containers(net.network());
-        match self.alloc.release_container(&keys, addr, &self.host)? {
+        let me = HostIdentity::new(&self.host, &self.host_id);
+        match self.alloc.release_container(&keys, addr, &me)? {
             Released::Freed { holder } => log::info!("released {addr} (held by {holder})"),
             Released::Kept { holder } => log::info!("kept {addr}: it is held by {holder}"),
             Released::AlreadyFree | Released::Unknown => {

@@ -248,6 +248,10 @@ pub struct Owner {
         skip_serializing_if = "RecordedBy::is_this_tool"
     )]
     pub recorded_by: RecordedBy,
+    /// The stable identity of the host that took it (`HostIdentity`), which survives a
+    /// rename. Absent in records written before it existed: those match by host name.
+    #[serde(rename = "HostId", default, skip_serializing_if = "String::is_empty")]
+    pub host_id: String,
 }
 
 impl Owner {
@@ -258,7 +262,14 @@ impl Owner {
             mac: mac.into(),
             since: rfc3339_now(),
             recorded_by: RecordedBy::ThisTool,
+            host_id: String::new(),
         }
+    }
+
+    /// The same record, naming the stable identity of its host as well.
+    pub fn with_host_id(mut self, id: &str) -> Owner {
+        self.host_id = id.into();
+        self
     }
 
     /// The record `migrate-v2` writes for an address the original tool had assigned for
@@ -311,6 +322,125 @@ pub fn describe_holder(value: &str) -> String {
     Owner::from_json(value)
         .map(|o| o.describe())
         .unwrap_or_else(|| "an unrecorded owner".into())
+}
+
+/// Who a host is: its name, and a stable identity that survives a rename (empty when none is
+/// known, and then the name alone identifies it).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HostIdentity {
+    pub name: String,
+    pub id: String,
+}
+
+/// The application ID this tool derives host identities with, as systemd's
+/// `sd_id128_get_machine_app_specific()` does: `systemd-id128 machine-id
+/// --app-specific=e0f2b78fa1844779b985ac9ef7ff161a` prints the same identity.
+pub const APP_ID: [u8; 16] = [
+    0xe0, 0xf2, 0xb7, 0x8f, 0xa1, 0x84, 0x47, 0x79, 0xb9, 0x85, 0xac, 0x9e, 0xf7, 0xff, 0x16, 0x1a,
+];
+
+/// Where the machine ID is read from.
+pub const MACHINE_ID: &str = "/etc/machine-id";
+
+impl HostIdentity {
+    pub fn new(name: &str, id: &str) -> HostIdentity {
+        HostIdentity {
+            name: name.into(),
+            id: id.into(),
+        }
+    }
+
+    /// This machine: its host name, and `given` (`--host-id`) or else an identity derived from
+    /// `/etc/machine-id` (never the machine ID itself, which systemd asks to keep private).
+    pub fn local(given: Option<&str>) -> HostIdentity {
+        let id = match given {
+            Some(id) => id.to_string(),
+            None => std::fs::read_to_string(MACHINE_ID)
+                .ok()
+                .and_then(|text| app_specific_id(&text))
+                .unwrap_or_else(|| {
+                    log::debug!(
+                        "no usable {MACHINE_ID}: this host is identified by its name alone"
+                    );
+                    String::new()
+                }),
+        };
+        HostIdentity::new(&host_name(), &id)
+    }
+
+    /// A record of `role` for this host.
+    pub fn owner(&self, role: Role, mac: &str) -> Owner {
+        Owner::new(role, &self.name, mac).with_host_id(&self.id)
+    }
+}
+
+/// Tells whether a record names a host: by identity where both sides have one, else by name.
+pub trait HostMatch {
+    fn is_holder(&self, owner: &Owner) -> bool;
+
+    /// The same host as an identity, to keep.
+    fn identity(&self) -> HostIdentity;
+}
+
+impl HostMatch for HostIdentity {
+    fn is_holder(&self, owner: &Owner) -> bool {
+        if !self.id.is_empty() && !owner.host_id.is_empty() {
+            owner.host_id == self.id
+        } else {
+            owner.host == self.name
+        }
+    }
+
+    fn identity(&self) -> HostIdentity {
+        self.clone()
+    }
+}
+
+/// A bare host name: the name alone.
+impl HostMatch for str {
+    fn is_holder(&self, owner: &Owner) -> bool {
+        owner.host == self
+    }
+
+    fn identity(&self) -> HostIdentity {
+        HostIdentity::new(self, "")
+    }
+}
+
+impl HostMatch for String {
+    fn is_holder(&self, owner: &Owner) -> bool {
+        self.as_str().is_holder(owner)
+    }
+
+    fn identity(&self) -> HostIdentity {
+        self.as_str().identity()
+    }
+}
+
+/// The app-specific ID of a machine ID (32 hex digits), as `sd_id128_get_machine_app_specific`
+/// computes it: HMAC-SHA256 keyed with the machine ID over `APP_ID`, its first 16 bytes made a
+/// version 4 UUID, in 32 lowercase hex digits.
+pub fn app_specific_id(machine_id: &str) -> Option<String> {
+    let text = machine_id.trim();
+    if text.len() != 32 || !text.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let key: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    if key.iter().all(|b| *b == 0) {
+        return None;
+    }
+    let tag = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key),
+        &APP_ID,
+    );
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&tag.as_ref()[..16]);
+    id[6] = (id[6] & 0x0f) | 0x40;
+    id[8] = (id[8] & 0x3f) | 0x80;
+    Some(id.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// This machine's host name (of its UTS namespace), as owners record it.
@@ -441,6 +571,40 @@ mod tests {
         assert_eq!(back.describe(), "host h2 (mac 02:42:00:00:00:01)");
         assert_eq!(describe_holder(""), "an unrecorded owner");
         assert!(!o.to_json().contains("RecordedBy"), "{}", o.to_json());
+    }
+
+    #[test]
+    fn identities_match_by_id_and_records_without_one_by_name() {
+        let old = Owner::new(Role::Container, "h1", "02:42:00:00:00:01");
+        assert!(!old.to_json().contains("HostId"), "{}", old.to_json());
+        let renamed = HostIdentity::new("h1-new", "abc");
+        assert!(!renamed.is_holder(&old));
+        assert!(HostIdentity::new("h1", "abc").is_holder(&old));
+        let new = renamed.owner(Role::Container, "02:42:00:00:00:01");
+        let back = Owner::from_json(&new.to_json()).unwrap();
+        assert_eq!(back.host_id, "abc");
+        assert!(HostIdentity::new("h1-newer", "abc").is_holder(&back));
+        assert!(!HostIdentity::new("h1-new", "xyz").is_holder(&back));
+        assert!(HostIdentity::new("h1-new", "").is_holder(&back));
+        assert!("h1-new".is_holder(&back));
+        // A record of the previous version reads as before.
+        let stored = r#"{"Role":"container","Host":"h1","Mac":"02:42:00:00:00:01","Since":"x"}"#;
+        assert_eq!(Owner::from_json(stored).unwrap().host_id, "");
+    }
+
+    #[test]
+    fn host_ids_are_systemds_app_specific_ids() {
+        // systemd-id128 machine-id --app-specific=e0f2b78fa1844779b985ac9ef7ff161a on a
+        // machine whose /etc/machine-id is 0123456789abcdef0123456789abcdef.
+        let id = app_specific_id("0123456789abcdef0123456789abcdef\n").unwrap();
+        assert_eq!(id, "0ace8ff641684e1b81cbedcfedebc9c9");
+        assert_eq!(
+            app_specific_id("0123456789abcdef0123456789abcdef"),
+            Some(id)
+        );
+        assert_eq!(app_specific_id("uninitialized"), None);
+        assert_eq!(app_specific_id(&"0".repeat(32)), None);
+        assert_eq!(app_specific_id(""), None);
     }
 
     #[test]

@@ -14,7 +14,10 @@ use ipnet::Ipv4Net;
 use crate::alloc::{AllocError, Allocator};
 use crate::cli::NetworkFlags;
 use crate::kv::{KeyValue, Kv, Range, StoreError};
-use crate::layout::{describe_holder, ContainerConfig, HostsConfig, Layout, Owner, PoolKeys, Role};
+use crate::layout::{
+    describe_holder, ContainerConfig, HostIdentity, HostMatch, HostsConfig, Layout, Owner,
+    PoolKeys, Role,
+};
 
 /// The IPAM driver name Docker finds the plugin by (the socket's file name).
 pub const IPAM_DRIVER: &str = "talkingdata";
@@ -176,7 +179,7 @@ pub fn enslaved_ifcfg(existing: Option<&str>, interface: &str, bridge: &str) -> 
 
 /// What create-network will do, worked out before anything changes.
 struct Plan {
-    host: String,
+    host: HostIdentity,
     subnet: Ipv4Net,
     gateway: Ipv4Addr,
     /// The host address this host holds already, if any.
@@ -193,8 +196,13 @@ struct Plan {
 }
 
 /// Reads etcd and Docker and checks the flags; refuses before anything changes.
-fn plan<K: Kv>(kv: &K, layout: &Layout, flags: &NetworkFlags) -> Result<Plan, NetworkError> {
-    let host = crate::layout::host_name();
+fn plan<K: Kv>(
+    kv: &K,
+    layout: &Layout,
+    flags: &NetworkFlags,
+    me: &HostIdentity,
+) -> Result<Plan, NetworkError> {
+    let host = me.clone();
     let stored = kv.range(&Range::key(layout.hosts_config()))?;
     let value = stored
         .first()
@@ -209,7 +217,7 @@ fn plan<K: Kv>(kv: &K, layout: &Layout, flags: &NetworkFlags) -> Result<Plan, Ne
     if container_net != Some(subnet) {
         return Err(NetworkError::NoContainerPool(subnet));
     }
-    let held = held_by(kv, layout, &host)?;
+    let held = held_by(kv, layout, me)?;
     if let (Some(held), Some(asked)) = (held, flags.ip) {
         if held != asked {
             return Err(NetworkError::HoldsAnother { held, asked });
@@ -291,7 +299,7 @@ fn plan<K: Kv>(kv: &K, layout: &Layout, flags: &NetworkFlags) -> Result<Plan, Ne
 }
 
 fn print_dry_run(plan: &Plan, flags: &NetworkFlags) {
-    let host = &plan.host;
+    let host = &plan.host.name;
     match (plan.held, plan.wanted) {
         (Some(a), _) => println!("would keep {a}, which this host holds"),
         (None, Some(a)) if plan.adopt.is_some() => println!(
@@ -326,8 +334,13 @@ fn print_dry_run(plan: &Plan, flags: &NetworkFlags) {
 }
 
 /// Runs create-network; prints each step on stdout.
-pub fn create<K: Kv>(kv: K, layout: &Layout, flags: &NetworkFlags) -> Result<(), NetworkError> {
-    let plan = plan(&kv, layout, flags)?;
+pub fn create<K: Kv>(
+    kv: K,
+    layout: &Layout,
+    flags: &NetworkFlags,
+    me: &HostIdentity,
+) -> Result<(), NetworkError> {
+    let plan = plan(&kv, layout, flags, me)?;
     if flags.dry_run {
         print_dry_run(&plan, flags);
         return Ok(());
@@ -362,7 +375,7 @@ fn apply<K: Kv>(
             addr
         }
         None => {
-            let owner = Owner::new(Role::Host, &plan.host, "");
+            let owner = plan.host.owner(Role::Host, "");
             if let (Some(record), Some(addr)) = (&plan.adopt, plan.wanted) {
                 let ours = owner.to_json();
                 let adopted = alloc
@@ -569,12 +582,16 @@ fn bridge_addrs(bridge: &str) -> Vec<Ipv4Addr> {
 }
 
 /// The host address this host already holds, if any.
-fn held_by<K: Kv>(kv: &K, layout: &Layout, host: &str) -> Result<Option<Ipv4Addr>, NetworkError> {
+fn held_by<K: Kv>(
+    kv: &K,
+    layout: &Layout,
+    host: &HostIdentity,
+) -> Result<Option<Ipv4Addr>, NetworkError> {
     let hosts = layout.hosts();
     let assigned = kv.range(&Range::prefix(hosts.assigned_dir.as_str()))?;
     Ok(assigned.iter().find_map(|kv| {
         let owner = Owner::from_json(&kv.value)?;
-        (owner.role == Role::Host && owner.host == host)
+        (owner.role == Role::Host && host.is_holder(&owner))
             .then(|| hosts.addr_of(&kv.key))
             .flatten()
     }))
@@ -629,7 +646,7 @@ fn route_interface(gateway: Ipv4Addr) -> Result<String, NetworkError> {
 }
 
 /// Runs a program; its stdout on success, else its stderr's last line (or why it did not run).
-fn run<S: AsRef<str>>(program: &str, args: &[S]) -> Result<String, String> {
+pub(crate) fn run<S: AsRef<str>>(program: &str, args: &[S]) -> Result<String, String> {
     let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
     log::debug!("running {program} {}", args.join(" "));
     let out = Command::new(program)

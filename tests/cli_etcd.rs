@@ -110,7 +110,19 @@ fn release_moves_an_address_back_in_one_step() {
     );
     etcd.delete(&format!("{p}/containers/192.0.2.0/pool/192.0.2.11"));
 
-    let out = ok(cli(&etcd.url, &p, &["release-ip", "--ip", "192.0.2.11/24"]));
+    // A container's address is only released with --force (issue 11).
+    let held = etcd.dump(&p);
+    fails(
+        cli(&etcd.url, &p, &["release-ip", "--ip", "192.0.2.11/24"]),
+        1,
+        "192.0.2.11 is held by host h9 (mac 02:42:00:00:00:09); nothing changed",
+    );
+    assert_eq!(etcd.dump(&p), held);
+    let out = ok(cli(
+        &etcd.url,
+        &p,
+        &["release-ip", "--ip", "192.0.2.11/24", "--force"],
+    ));
     assert!(
         out.contains("released 192.0.2.11") && out.contains("h9"),
         "{out}"

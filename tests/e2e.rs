@@ -174,6 +174,8 @@ impl Host {
             ])
             .args(args)
             .env("DOCKER_HOST", self.docker_host())
+            // The simulated hosts share this machine's /etc/machine-id, as clones would.
+            .env("HOST_ID", format!("id-{}", self.name))
             .stdin(Stdio::null());
         c
     }
@@ -685,4 +687,158 @@ fn a_daemon_restart_leaks_no_address() {
         "assigned {containers:?} for {running} running containers"
     );
     assert_eq!(held[&ip]["Mac"], mac.as_str());
+}
+
+/// Runs `args` as `host`'s own command line and returns what it did.
+fn own(host: &Host, args: &[&str]) -> Output {
+    host.own_command(args).output().unwrap()
+}
+
+/// Waits until `host`'s plugin answers on its socket (in the host's mount namespace).
+fn wait_for_plugin(host: &Host) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mnt = format!("--mount={}", host.mount_ns.display());
+    while !run(
+        "nsenter",
+        &[&mnt, "test", "-S", "/run/docker/plugins/talkingdata.sock"],
+    )
+    .status
+    .success()
+    {
+        assert!(Instant::now() < deadline, "the plugin did not come back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn day_2_show_guarded_release_and_reconcile_with_a_real_dockerd() {
+    let (_serial, etcd, p) = lab_pools("e2e-day2", "203.0.113");
+    let lab = Lab::new("day2");
+    let mut host = Host::start(&lab, "hostA", etcd, &p);
+    host.in_netns(&[
+        "ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1p",
+    ]);
+    let ifcfg = lab.dir.join("ifcfg");
+    std::fs::create_dir_all(&ifcfg).unwrap();
+    create_network(&host, &ifcfg, "eth1");
+    for name in ["c1", "c2"] {
+        host.docker_ok(&words(&format!(
+            "run -d --name {name} --network mynet bb:latest sleep 1000"
+        )));
+    }
+    let c2_started = Instant::now();
+    let (ip1, mac1) = host.addr_of("c1");
+    let (ip2, mac2) = host.addr_of("c2");
+
+    // show --json: each container's address with its MAC and host.
+    let shown = ok_in("show --json", own(&host, &["show", "--json"]));
+    let shown: Value = serde_json::from_str(&shown).unwrap();
+    let pool = shown["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == "203.0.113.0")
+        .unwrap_or_else(|| panic!("no container pool in {shown}"));
+    for (ip, mac) in [(&ip1, &mac1), (&ip2, &mac2)] {
+        let entry = pool["addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["address"] == ip.as_str())
+            .unwrap_or_else(|| panic!("{ip} not listed in {pool}"));
+        assert_eq!(entry["role"], "container");
+        assert_eq!(entry["mac"], mac.as_str());
+        assert_eq!(entry["host"], "hostA");
+        assert_eq!(entry["host_id"], "id-hostA");
+    }
+    ok_in("check", own(&host, &["check"]));
+    let said = ok_in("reconcile", own(&host, &["reconcile"]));
+    assert!(said.contains("in step: 2 endpoint(s)"), "{said}");
+
+    // release-ip of a running container's address is refused, etcd unchanged...
+    let before = etcd.dump(&p);
+    let ip1_24 = format!("{ip1}/24");
+    common::fails(
+        own(&host, &["release-ip", "--ip", &ip1_24]),
+        1,
+        &format!("{ip1} is held by host hostA (mac {mac1}); nothing changed"),
+    );
+    assert_eq!(etcd.dump(&p), before);
+    // ... and --force frees it: a mistake under a running container.
+    ok_in(
+        "release-ip --force",
+        own(&host, &["release-ip", "--ip", &ip1_24, "--force"]),
+    );
+    let released = etcd.dump(&p);
+    assert!(released
+        .iter()
+        .any(|(k, _)| *k == format!("{p}/containers/203.0.113.0/pool/{ip1}")));
+
+    // A docker rm while the plugin is stopped leaks c2's address.
+    if let Some(mut plugin) = host.plugin.take() {
+        let _ = run("kill", &[&plugin.id().to_string()]);
+        let _ = plugin.wait();
+    }
+    host.docker_ok(&["rm", "-f", "c2"]);
+    host.start_plugin();
+    wait_for_plugin(&host);
+    assert!(etcd
+        .dump(&p)
+        .iter()
+        .any(|(k, _)| *k == format!("{p}/containers/203.0.113.0/assigned/{ip2}")));
+    // reconcile does not judge records younger than 10 s: let c2's age past that.
+    if let Some(wait) = Duration::from_secs(11).checked_sub(c2_started.elapsed()) {
+        std::thread::sleep(wait);
+    }
+
+    let before = etcd.dump(&p);
+    let dry = own(&host, &["reconcile"]);
+    let said = stdout(&dry);
+    assert_eq!(dry.status.code(), Some(1), "{said}{}", stderr(&dry));
+    assert!(
+        said.contains(&format!(
+            "leaked {ip2} in pool 203.0.113.0: recorded for host hostA (mac {mac2})"
+        )),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!(
+            "orphaned {ip1} in pool 203.0.113.0: container c1 (mac {mac1}) on network mynet uses it"
+        )),
+        "{said}"
+    );
+    assert_eq!(said.lines().count(), 2, "{said}");
+    assert!(stderr(&dry).contains("2 difference(s) between Docker and etcd; nothing changed"));
+    assert_eq!(etcd.dump(&p), before, "a dry run changed etcd");
+
+    let applied = ok_in("reconcile --apply", own(&host, &["reconcile", "--apply"]));
+    assert!(applied.contains(&format!("freed {ip2}")), "{applied}");
+    assert!(
+        applied.contains(&format!("recorded {ip1} for container c1")),
+        "{applied}"
+    );
+    let held = assigned(etcd, &p, "203.0.113.0");
+    assert!(!held.contains_key(&ip2), "{held:?}");
+    assert_eq!(held[&ip1]["Mac"], mac1.as_str());
+    assert_eq!(held[&ip1]["Host"], "hostA");
+    assert_eq!(held[&ip1]["HostId"], "id-hostA");
+    assert!(etcd
+        .dump(&p)
+        .iter()
+        .any(|(k, _)| *k == format!("{p}/containers/203.0.113.0/pool/{ip2}")));
+
+    ok_in("check afterwards", own(&host, &["check"]));
+    let again = ok_in("reconcile again", own(&host, &["reconcile"]));
+    assert!(again.contains("in step: 1 endpoint(s)"), "{again}");
+    let taken = host.docker(&words(&format!(
+        "run -d --name c3 --network mynet --ip {ip1} bb:latest sleep 1000"
+    )));
+    assert_eq!(taken.status.code(), Some(125), "{}", stderr(&taken));
+    assert!(
+        stderr(&taken).contains(&format!(
+            "{ip1} is already in use by host hostA (mac {mac1})"
+        )),
+        "{}",
+        stderr(&taken)
+    );
 }
