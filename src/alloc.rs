@@ -563,7 +563,7 @@ impl<K: Kv> Allocator<K> {
         host: &H,
     ) -> Result<Released, AllocError> {
         let deadline = Instant::now() + self.time_limit;
-        let asked = crate::layout::rfc3339_now();
+        let asked = crate::host::now();
         // The record read last, and whether a move of it went unanswered (maybe applied).
         let mut read: Option<KeyValue> = None;
         let mut unanswered = false;
@@ -894,7 +894,7 @@ mod tests {
     }
 
     fn owner(mac: &str) -> Owner {
-        Owner::new(Role::Container, "h1", mac)
+        Owner::new(Role::Container, "h1", mac, &crate::host::now())
     }
 
     #[test]
@@ -1013,7 +1013,7 @@ mod tests {
         let n = net("192.0.2.0/29");
         let (kv, keys) = pool(n);
         let mut alloc = Allocator::new(&kv);
-        let gateway = Owner::new(Role::Gateway, "h1", "");
+        let gateway = Owner::new(Role::Gateway, "h1", "", &crate::host::now());
         alloc.reserve(&keys, a("192.0.2.1"), &gateway).unwrap();
         alloc.reserve(&keys, a("192.0.2.1"), &gateway).unwrap();
         alloc.reserve(&keys, a("203.0.113.1"), &gateway).unwrap();
@@ -1045,7 +1045,7 @@ mod tests {
         alloc
             .take(&keys, n, a("192.0.2.5"), &owner("02:42:00:00:00:01"))
             .unwrap();
-        let gateway = Owner::new(Role::Gateway, "h1", "");
+        let gateway = Owner::new(Role::Gateway, "h1", "", &crate::host::now());
         assert!(matches!(
             alloc.reserve(&keys, a("192.0.2.5"), &gateway),
             Err(AllocError::InUse { .. })
@@ -1090,7 +1090,7 @@ mod tests {
                 Op::delete(keys.pool(held)),
                 Op::put(
                     keys.assigned(held),
-                    Owner::original(Role::Container).to_json(),
+                    Owner::original(Role::Container, &crate::host::now()).to_json(),
                 ),
             ],
             ..Txn::default()
@@ -1121,10 +1121,18 @@ mod tests {
         let mut alloc = Allocator::new(&kv);
         let me = crate::layout::HostIdentity::new("h1", "id-1");
         alloc
-            .reserve(&keys, a("192.0.2.1"), &me.owner(Role::Gateway, ""))
+            .reserve(
+                &keys,
+                a("192.0.2.1"),
+                &me.owner(Role::Gateway, "", &crate::host::now()),
+            )
             .unwrap();
         alloc
-            .reserve(&keys, a("192.0.2.2"), &me.owner(Role::Aux, ""))
+            .reserve(
+                &keys,
+                a("192.0.2.2"),
+                &me.owner(Role::Aux, "", &crate::host::now()),
+            )
             .unwrap();
         let other = crate::layout::HostIdentity::new("h1", "id-2");
         assert!(matches!(

@@ -438,7 +438,7 @@ fn identity(global: &Global) -> Result<HostIdentity, Failure> {
             _ => None,
         },
     };
-    Ok(HostIdentity::local(given.as_deref()))
+    Ok(crate::host::identity(given.as_deref()))
 }
 
 /// A guarded release that found the address held is refused; any other result goes on.

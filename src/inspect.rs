@@ -592,7 +592,7 @@ mod tests {
             r#"{"Subnet":"192.0.2.0/24","Gateway":"192.0.2.1"}"#,
         );
         put(&kv, "/t/hosts/pool/192.0.2.10", "");
-        let host = Owner::new(Role::Host, "h1", "").to_json();
+        let host = Owner::new(Role::Host, "h1", "", &crate::host::now()).to_json();
         put(&kv, "/t/hosts/assigned/192.0.2.11", &host);
         put(
             &kv,
@@ -600,9 +600,15 @@ mod tests {
             r#"{"Ipnet":"192.0.2.0","Mask":"24"}"#,
         );
         put(&kv, "/t/containers/192.0.2.0/pool/192.0.2.100", "");
-        let c = Owner::new(Role::Container, "h1", "02:42:00:00:00:01").to_json();
+        let c = Owner::new(
+            Role::Container,
+            "h1",
+            "02:42:00:00:00:01",
+            &crate::host::now(),
+        )
+        .to_json();
         put(&kv, "/t/containers/192.0.2.0/assigned/192.0.2.101", &c);
-        let aux = Owner::new(Role::Aux, "h1", "").to_json();
+        let aux = Owner::new(Role::Aux, "h1", "", &crate::host::now()).to_json();
         put(&kv, "/t/containers/192.0.2.0/assigned/192.0.2.102", &aux);
         put(&kv, "/t/migrated-v2", "7");
         kv

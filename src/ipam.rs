@@ -9,9 +9,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::alloc::{Allocator, Released, Taken};
-use crate::kv::{Kv, Range};
-use crate::layout::{ContainerConfig, HostIdentity, Layout, Owner, Role};
-use crate::pools::Original;
+use crate::kv::Kv;
+use crate::layout::{HostIdentity, Layout, Owner, Role};
+use crate::pools::{self, ContainerNetwork};
 
 /// The content type Docker's own plugin helpers answer with.
 pub const CONTENT_TYPE: &str = "application/vnd.docker.plugins.v1+json";
@@ -197,37 +197,32 @@ impl<K: Kv> Plugin<K> {
         if let Some(net) = self.networks.get(&id) {
             return Ok(*net);
         }
-        let key = self.layout.container_config(id);
-        let stored = self.alloc.kv().range(&Range::key(&key))?;
-        let Some(stored) = stored.first() else {
-            let asked = Ipv4Net::new(id, 32).unwrap_or_default();
-            if let Original::Defines(dir) =
-                crate::pools::original_network(self.alloc.kv(), &self.layout, asked)?
-            {
+        let net = match pools::container_network(self.alloc.kv(), &self.layout, id)? {
+            ContainerNetwork::Defined(net) => net,
+            ContainerNetwork::OnlyInOriginal(dir) => {
                 return Err(Refusal(
                     404,
                     format!(
                         "the original's etcd v2 data defines this network ({dir}): run \
                          'oam-docker-ipam migrate-v2'"
                     ),
-                ));
+                ))
             }
-            return Err(Refusal(
-                404,
-                format!(
-                    "no container pool {id} in etcd: define one with 'oam-docker-ipam ip-range'"
-                ),
-            ));
+            ContainerNetwork::Undefined => {
+                return Err(Refusal(
+                    404,
+                    format!(
+                        "no container pool {id} in etcd: define one with 'oam-docker-ipam ip-range'"
+                    ),
+                ))
+            }
+            ContainerNetwork::Unusable { key, value } => {
+                return Err(Refusal(
+                    500,
+                    format!("{key} holds {value:?}, not a network with usable addresses"),
+                ))
+            }
         };
-        let net = ContainerConfig::parse(&stored.value).ok_or_else(|| {
-            Refusal(
-                500,
-                format!(
-                    "{key} holds {:?}, not a network with usable addresses",
-                    stored.value
-                ),
-            )
-        })?;
         self.networks.insert(id, net);
         Ok(net)
     }
@@ -305,7 +300,8 @@ impl<K: Kv> Plugin<K> {
                     role.as_str()
                 )));
             };
-            let owner = Owner::new(role, &self.host, "").with_host_id(&self.host_id);
+            let owner =
+                Owner::new(role, &self.host, "", &crate::host::now()).with_host_id(&self.host_id);
             self.alloc.reserve(&keys, addr, &owner)?;
             return Ok(answer(addr));
         }
@@ -321,8 +317,13 @@ impl<K: Kv> Plugin<K> {
         if !is_mac(mac) {
             return Err(bad_request(format!("{mac:?} is not a MAC address")));
         }
-        let owner = Owner::new(Role::Container, &self.host, &mac.to_ascii_lowercase())
-            .with_host_id(&self.host_id);
+        let owner = Owner::new(
+            Role::Container,
+            &self.host,
+            &mac.to_ascii_lowercase(),
+            &crate::host::now(),
+        )
+        .with_host_id(&self.host_id);
         let addr = match wanted {
             Some(addr) => {
                 if self.alloc.take(&keys, net, addr, &owner)? == Taken::AlreadyYours {

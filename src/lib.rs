@@ -5,6 +5,7 @@ pub mod alloc;
 pub mod cli;
 pub mod commands;
 pub mod etcd;
+pub mod host;
 pub mod http;
 pub mod inspect;
 pub mod ipam;

@@ -399,7 +399,7 @@ pub fn apply<K: Kv>(kv: &K, plan: &Plan) -> Result<Written, MigrateError> {
     let mut written = Written::default();
     let mut raced = Vec::new();
     for pool in &plan.pools {
-        let owner = Owner::original(pool.role).to_json();
+        let owner = Owner::original(pool.role, &crate::host::now()).to_json();
         let writes: Vec<(Ipv4Addr, String, String)> = pool
             .write_free
             .iter()
@@ -454,7 +454,7 @@ pub fn apply<K: Kv>(kv: &K, plan: &Plan) -> Result<Written, MigrateError> {
     if plan.v2_index > plan.previous_index {
         let marker = Marker {
             v2_index: plan.v2_index.to_string(),
-            since: crate::layout::rfc3339_now(),
+            since: crate::host::now(),
         };
         kv.txn(&Txn {
             success: vec![Op::put(&plan.marker_key, json(&marker))],
@@ -799,7 +799,12 @@ mod tests {
         // The plugin gave .102 to a container; then an original plugin on another host
         // gave it out too, in v2.
         let keys = l.containers(a("192.0.2.0"));
-        let ours = Owner::new(Role::Container, "h1", "02:42:00:00:00:01");
+        let ours = Owner::new(
+            Role::Container,
+            "h1",
+            "02:42:00:00:00:01",
+            &crate::host::now(),
+        );
         kv.txn(&Txn {
             success: vec![
                 Op::delete(keys.pool(a("192.0.2.102"))),

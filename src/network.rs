@@ -375,7 +375,7 @@ fn apply<K: Kv>(
             addr
         }
         None => {
-            let owner = plan.host.owner(Role::Host, "");
+            let owner = plan.host.owner(Role::Host, "", &crate::host::now());
             if let (Some(record), Some(addr)) = (&plan.adopt, plan.wanted) {
                 let ours = owner.to_json();
                 let adopted = alloc
@@ -693,7 +693,7 @@ fn write_atomically(path: &Path, text: &str, existed: bool) -> io::Result<Option
     let backup = if existed {
         let original = fs::read(path)?;
         let mode = fs::metadata(path)?.permissions().mode() & 0o777;
-        let stamp = crate::layout::rfc3339_now().replace([':', '-'], "");
+        let stamp = crate::host::now().replace([':', '-'], "");
         let base = format!("{name}.{}", &stamp[..15]);
         let (backup, mut file) = create_exclusively(dir, &base, ".bak", mode)?;
         let copied = file.write_all(&original).and_then(|()| file.sync_all());
@@ -803,7 +803,7 @@ mod tests {
         // The names an attacker can predict: the temporary file and this second's backup.
         let temp = dir.join(format!(".ifcfg-br0.tmp-{}", std::process::id()));
         std::os::unix::fs::symlink(&victim, &temp).unwrap();
-        let stamp = crate::layout::rfc3339_now().replace([':', '-'], "");
+        let stamp = crate::host::now().replace([':', '-'], "");
         let predicted = dir.join(format!("ifcfg-br0.{}.bak", &stamp[..15]));
         std::os::unix::fs::symlink(&victim, &predicted).unwrap();
 

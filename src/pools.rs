@@ -258,6 +258,43 @@ pub enum Original {
     Defines(String),
 }
 
+/// What etcd says of the container network whose network address is `id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerNetwork {
+    /// Defined by `ip-range`.
+    Defined(Ipv4Net),
+    /// Its config key holds something that is not a usable network.
+    Unusable { key: String, value: String },
+    /// Not defined in v3, but the original's v2 data defines it (in this directory).
+    OnlyInOriginal(String),
+    /// Defined nowhere.
+    Undefined,
+}
+
+/// Reads the container network `id` (a PoolID), and if v3 does not define it, whether the
+/// original's v2 data does.
+pub fn container_network<K: Kv>(
+    kv: &K,
+    layout: &Layout,
+    id: Ipv4Addr,
+) -> Result<ContainerNetwork, StoreError> {
+    let key = layout.container_config(id);
+    let Some(stored) = kv.range(&Range::key(&key))?.into_iter().next() else {
+        let asked = Ipv4Net::new(id, 32).unwrap_or_default();
+        return Ok(match original_network(kv, layout, asked)? {
+            Original::Defines(dir) => ContainerNetwork::OnlyInOriginal(dir),
+            Original::Clear | Original::Unchecked => ContainerNetwork::Undefined,
+        });
+    };
+    Ok(match ContainerConfig::parse(&stored.value) {
+        Some(net) => ContainerNetwork::Defined(net),
+        None => ContainerNetwork::Unusable {
+            key,
+            value: stored.value,
+        },
+    })
+}
+
 /// Whether the original's v2 data holds a container network overlapping `net` (any mask)
 /// that etcd v3 does not define yet: defining `net` then would pool addresses its
 /// containers hold.

@@ -338,7 +338,7 @@ pub fn apply<K: Kv>(
                 .get(&endpoint.pool)
                 .and_then(|p| p.net)
                 .unwrap_or_else(|| Ipv4Net::from(endpoint.addr));
-            let owner = me.owner(Role::Container, &endpoint.mac);
+            let owner = me.owner(Role::Container, &endpoint.mac, &crate::host::now());
             match alloc.take(&keys, net, endpoint.addr, &owner) {
                 Ok(Taken::New | Taken::AlreadyYours) => {
                     log::info!(
@@ -360,7 +360,9 @@ pub fn apply<K: Kv>(
         }
         Finding::Original { endpoint, record } => {
             let keys = layout.containers(endpoint.pool);
-            let owner = me.owner(Role::Container, &endpoint.mac).to_json();
+            let owner = me
+                .owner(Role::Container, &endpoint.mac, &crate::host::now())
+                .to_json();
             Ok(
                 if alloc.replace_owner(&keys, endpoint.addr, record.mod_revision, &owner)? {
                     log::info!(
@@ -474,40 +476,51 @@ mod tests {
         put(
             &kv,
             "/t/containers/192.0.2.0/assigned/192.0.2.101",
-            &old(me.owner(Role::Container, "02:42:c0:00:02:65")),
+            &old(me.owner(Role::Container, "02:42:c0:00:02:65", &crate::host::now())),
         );
         put(&kv, "/t/containers/192.0.2.0/pool/192.0.2.102", "");
         put(
             &kv,
             "/t/containers/192.0.2.0/assigned/192.0.2.103",
-            &old(Owner::new(Role::Container, "h2", "02:42:c0:00:02:67")),
+            &old(Owner::new(
+                Role::Container,
+                "h2",
+                "02:42:c0:00:02:67",
+                &crate::host::now(),
+            )),
         );
         put(
             &kv,
             "/t/containers/192.0.2.0/assigned/192.0.2.104",
-            &Owner::original(Role::Container).to_json(),
+            &Owner::original(Role::Container, &crate::host::now()).to_json(),
         );
         // Leaked: ours, old, no endpoint. Kept: ours but just taken; another host's.
         put(
             &kv,
             "/t/containers/192.0.2.0/assigned/192.0.2.105",
-            &old(me.owner(Role::Container, "02:42:c0:00:02:69")),
+            &old(me.owner(Role::Container, "02:42:c0:00:02:69", &crate::host::now())),
         );
         put(
             &kv,
             "/t/containers/192.0.2.0/assigned/192.0.2.106",
-            &me.owner(Role::Container, "02:42:c0:00:02:6a").to_json(),
+            &me.owner(Role::Container, "02:42:c0:00:02:6a", &crate::host::now())
+                .to_json(),
         );
         put(
             &kv,
             "/t/containers/192.0.2.0/assigned/192.0.2.107",
-            &old(Owner::new(Role::Container, "h2", "02:42:c0:00:02:6b")),
+            &old(Owner::new(
+                Role::Container,
+                "h2",
+                "02:42:c0:00:02:6b",
+                &crate::host::now(),
+            )),
         );
         // A gateway this host reserved that no network of it has: leaked too.
         put(
             &kv,
             "/t/containers/192.0.2.0/assigned/192.0.2.11",
-            &old(me.owner(Role::Gateway, "")),
+            &old(me.owner(Role::Gateway, "", &crate::host::now())),
         );
         let snap = Snapshot::read(&kv, &l).unwrap();
         let docker = parse_networks(INSPECT).unwrap();
@@ -555,7 +568,7 @@ mod tests {
         let kv = MemKv::new();
         let l = Layout::new("/t");
         let me = HostIdentity::new("h1", "");
-        let mut o = me.owner(Role::Container, "02:42:00:00:00:01");
+        let mut o = me.owner(Role::Container, "02:42:00:00:00:01", &crate::host::now());
         o.since = "2020-01-01T00:00:00Z".into();
         put(
             &kv,
@@ -577,7 +590,9 @@ mod tests {
         );
         assert_eq!(found.len(), 1);
         // Freed and taken again by another container after the read.
-        let retaken = me.owner(Role::Container, "02:42:00:00:00:02").to_json();
+        let retaken = me
+            .owner(Role::Container, "02:42:00:00:00:02", &crate::host::now())
+            .to_json();
         put(&kv, "/t/containers/192.0.2.0/assigned/192.0.2.5", &retaken);
         let mut alloc = Allocator::new(&kv);
         let outcome = apply(&mut alloc, &l, &snap, &me, &found[0]).unwrap();
@@ -597,7 +612,7 @@ mod tests {
         assert_eq!(since_secs("2000-02-29T11:59:59Z"), Some(951_825_599));
         assert_eq!(since_secs(""), None);
         assert_eq!(since_secs("yesterday"), None);
-        let now = crate::layout::rfc3339_now();
+        let now = crate::host::now();
         let back = since_secs(&now).unwrap();
         assert!(back.abs_diff(now_secs()) <= 1);
     }

@@ -490,7 +490,13 @@ mod tests {
                 Op::delete(keys.pool(a)),
                 Op::put(
                     keys.assigned(a),
-                    Owner::new(Role::Container, "h1", "02:42:00:00:00:01").to_json(),
+                    Owner::new(
+                        Role::Container,
+                        "h1",
+                        "02:42:00:00:00:01",
+                        &crate::host::now(),
+                    )
+                    .to_json(),
                 ),
             ],
             ..Txn::default()
