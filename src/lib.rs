@@ -2,8 +2,10 @@
 
 pub mod addr;
 pub mod alloc;
+pub mod auth;
 pub mod cli;
 pub mod commands;
+pub mod config;
 pub mod etcd;
 pub mod http;
 pub mod ipam;
@@ -14,3 +16,4 @@ pub mod migrate;
 pub mod network;
 pub mod pools;
 pub mod server;
+pub mod tls;
