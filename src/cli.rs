@@ -484,20 +484,23 @@ pub fn parse(
         return Ok((global_defaults(), parse_help(&mut parser)?));
     }
     let command = match command.as_str() {
-        "server" => parse_server(&mut parser)?,
-        "ip-range" => parse_ip_range(&mut parser)?,
-        "release-ip" => parse_release_ip(&mut parser)?,
-        "host-range" => parse_host_range(&mut parser)?,
-        "release-host" => parse_release_host(&mut parser)?,
-        "create-network" => parse_create_network(&mut parser)?,
-        "migrate-v2" => parse_migrate_v2(&mut parser)?,
+        "server" => parse_server(&mut parser),
+        "ip-range" => parse_ip_range(&mut parser),
+        "release-ip" => parse_release_ip(&mut parser),
+        "host-range" => parse_host_range(&mut parser),
+        "release-host" => parse_release_host(&mut parser),
+        "create-network" => parse_create_network(&mut parser),
+        "migrate-v2" => parse_migrate_v2(&mut parser),
         _ => return Err(UsageError::UnknownCommand(command)),
     };
-    if let Command::Help(_) = command {
-        return Ok((global_defaults(), command));
+    // A command's help needs no settings; otherwise a refused global setting is reported
+    // before a refused command flag.
+    if let Ok(Command::Help(_)) = command {
+        return Ok((global_defaults(), command?));
     }
     let file = (sources.config)(flags.config.as_deref()).map_err(UsageError::Config)?;
-    Ok((resolve(flags, sources, &file)?, command))
+    let global = resolve(flags, sources, &file)?;
+    Ok((global, command?))
 }
 
 /// The global settings from the flags as typed, the environment and the settings file.
