@@ -625,7 +625,9 @@ impl Client {
             },
         };
         let (status, bytes) = self.post(endpoint, url, body, Some(&token))?;
-        if status == 200 || auth::meaning(&error_message(&bytes)) != Meaning::RenewToken {
+        // "user name is empty" although a token went: etcd did not know the token either.
+        let stale = |m| matches!(m, Meaning::RenewToken | Meaning::NeedsUser);
+        if status == 200 || !stale(auth::meaning(&error_message(&bytes))) {
             return Ok((status, bytes));
         }
         log::debug!("etcd {endpoint}: the auth token expired; authenticating again");
@@ -635,7 +637,7 @@ impl Client {
         };
         let (status, bytes) = self.post(endpoint, url, body, Some(&fresh))?;
         let message = error_message(&bytes);
-        if status != 200 && auth::meaning(&message) == Meaning::RenewToken {
+        if status != 200 && stale(auth::meaning(&message)) {
             session.forget(&fresh);
             return Err(Attempt::Fail(Error::Auth(AuthError::TokenRefused {
                 endpoint: endpoint.into(),
