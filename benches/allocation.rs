@@ -3,14 +3,19 @@
 //! side: the raw etcd txn latency (the floor), RequestAddress and ReleaseAddress latency through
 //! the plugin's socket and their ratio to the floor, what reading the whole pool costs (what
 //! the original did per allocation), allocations per second with 1 and 8 clients, and etcd
-//! requests per allocation (counted by etcd itself, from its /metrics).
+//! requests per allocation (counted by etcd itself, from its /metrics). Then the same floor and
+//! RequestAddress on a /24 against a second etcd that requires TLS, client certificates and
+//! auth (a CA made with the openssl CLI).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{cli, ok, unique_prefix, Etcd, PluginClient, Server, TempDir};
-use oam_docker_ipam::etcd::Client;
+use common::{cli, ok, unique_prefix, Etcd, Pki, PluginClient, Server, TempDir, BIN};
+use oam_docker_ipam::auth::{Credentials, Secret};
+use oam_docker_ipam::etcd::{Client, Security};
 use oam_docker_ipam::kv::{Compare, Op, Range, Txn};
+use oam_docker_ipam::tls::{self, TlsFiles};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Allocations timed one by one per pool; fewer than the /24 holds, so none fails.
@@ -216,6 +221,107 @@ fn throughput(
     rate
 }
 
+/// Raw txn floor and RequestAddress/ReleaseAddress through the socket on the /24, against an
+/// etcd with TLS, client certificates and auth: (floor, request, release).
+fn measure_secure(dir: &TempDir) -> ((f64, f64), (f64, f64), (f64, f64)) {
+    let pki = Pki::new("bench");
+    let password = format!("bench-{}", std::process::id());
+    let etcd = Etcd::start_secure("bench-secure", &pki, &password);
+    let password_file = pki.path("password");
+    std::fs::write(&password_file, &password).expect("password file");
+    let prefix = format!("{}{}", common::SECURE_PREFIX, unique_prefix("bench"));
+    let flags: Vec<String> = [
+        "--cacert",
+        &pki.path("ca.crt"),
+        "--cert",
+        &pki.path("client.crt"),
+        "--key",
+        &pki.path("client.key"),
+        "--user",
+        common::SECURE_USER,
+        "--password-file",
+        &password_file,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    ok(Command::new(BIN)
+        .args(common::store_args(&etcd.url, &prefix))
+        .args(&flags)
+        .args([
+            "ip-range",
+            "--ip-start",
+            "198.19.7.0/24",
+            "--ip-end",
+            "198.19.7.255/24",
+        ])
+        .output()
+        .expect("ip-range"));
+
+    let security = Security {
+        tls: tls::config(&TlsFiles {
+            cacert: Some(pki.path("ca.crt").into()),
+            cert: Some(pki.path("client.crt").into()),
+            key: Some(pki.path("client.key").into()),
+        })
+        .expect("TLS files"),
+        credentials: Some(Credentials {
+            user: common::SECURE_USER.into(),
+            password: Secret::new(password.clone()),
+        }),
+    };
+    let client = Client::secured(vec![etcd.url.clone()], Duration::from_secs(5), security);
+    let key = format!("{prefix}/floor");
+    client
+        .txn(&Txn {
+            success: vec![Op::put(&key, "0")],
+            ..Txn::default()
+        })
+        .expect("txn");
+    let floor: Vec<Duration> = (0..FLOOR_SAMPLES)
+        .map(|i| {
+            let txn = Txn {
+                compares: vec![Compare::Exists(key.clone())],
+                success: vec![Op::put(&key, i.to_string())],
+                failure: vec![],
+            };
+            let t = Instant::now();
+            client.txn(&txn).expect("txn");
+            t.elapsed()
+        })
+        .collect();
+
+    let sock = dir.join("secure.sock");
+    let mut command = Command::new(BIN);
+    command.args(&flags);
+    let server = Server::start_with(command, &etcd.url, &prefix, &sock, &sock);
+    let mut c = PluginClient::connect(&sock);
+    assert_eq!(
+        c.call("/IpamDriver.RequestPool", r#"{"Pool":"198.19.7.0/24"}"#)
+            .status,
+        200
+    );
+    let mut taken = Vec::new();
+    let mut lat = Vec::new();
+    for i in 0..SAMPLES {
+        let t = Instant::now();
+        let r = c.call("/IpamDriver.RequestAddress", &request("198.19.7.0", i));
+        lat.push(t.elapsed());
+        assert_eq!(r.status, 200, "{}", r.body);
+        taken.push(address_of(&r.body));
+    }
+    let request_lat = percentiles(lat);
+    let mut lat = Vec::new();
+    for addr in &taken {
+        let body = format!(r#"{{"PoolID":"198.19.7.0","Address":"{addr}"}}"#);
+        let t = Instant::now();
+        assert_eq!(c.call("/IpamDriver.ReleaseAddress", &body).status, 200);
+        lat.push(t.elapsed());
+    }
+    drop(server);
+    (percentiles(floor), request_lat, percentiles(lat))
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` would pass nothing: run only when asked.
     if !std::env::args().any(|a| a == "--bench") {
@@ -269,4 +375,30 @@ fn main() {
     row("etcd requests per release", &|c| {
         format!("{:.2}", c.requests_per_release)
     });
+
+    let (floor, request, release) = measure_secure(&dir);
+    let plain = &cols[0];
+    println!();
+    println!("| ms p50 / p99, /24 pool | http, no auth | https + client certificate + auth |");
+    println!("|---|---|---|");
+    println!(
+        "| raw etcd CAS txn (floor) | {} | {} |",
+        pair(plain.floor),
+        pair(floor)
+    );
+    println!(
+        "| RequestAddress via socket | {} | {} |",
+        pair(plain.request),
+        pair(request)
+    );
+    println!(
+        "| RequestAddress / floor (p50) | {:.2}x | {:.2}x |",
+        plain.request.0 / plain.floor.0,
+        request.0 / floor.0
+    );
+    println!(
+        "| ReleaseAddress via socket | {} | {} |",
+        pair(plain.release),
+        pair(release)
+    );
 }

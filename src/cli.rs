@@ -1,17 +1,21 @@
 //! The command line: global flags, one command and its flags, parsed with lexopt in two stages
-//! (as typed, then checked into typed values), and the help texts. No I/O besides reading the
-//! environment variables that stand in for flags.
+//! (as typed, then checked into typed values), and the help texts. Global settings not given
+//! as flags come from the environment, then the settings file (`config`), then defaults; both
+//! are handed in as `Sources`, so parsing itself does no I/O.
 
 use std::ffi::OsString;
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use lexopt::prelude::*;
 
 use crate::addr::{self, AddrError, AddrRange};
+use crate::auth::Secret;
+use crate::config::{self, ConfigError, ConfigFile};
+use crate::tls::TlsFiles;
 
 pub const DEFAULT_CLUSTER_STORE: &str = "http://127.0.0.1:2379";
 pub const DEFAULT_STORE_PREFIX: &str = "/talkingdata";
@@ -40,17 +44,29 @@ Commands:
   reconcile       compare this host's Docker endpoints with etcd; --apply fixes
   help [COMMAND]  print this help or a command's (also: h)
 
-Global flags:
+Global flags (a flag beats the environment, which beats the settings file):
   --cluster-store URLS  etcd endpoints, comma-separated [env CLUSTER_STORE]
                         (default http://127.0.0.1:2379)
-  --store-prefix PATH   etcd key prefix of this installation (default /talkingdata)
-  --timeout SECONDS     time limit of each etcd request (default 3)
+  --store-prefix PATH   etcd key prefix of this installation [env IPAM_STORE_PREFIX]
+                        (default /talkingdata)
+  --timeout SECONDS     time limit of each etcd request [env IPAM_TIMEOUT] (default 3)
+  --cacert FILE         CA certificate(s) to trust for https:// endpoints, PEM
+                        [env IPAM_CACERT] (default: the system's CA bundle)
+  --cert FILE           client certificate, PEM; its subject must have no CN (etcd's
+                        gateway refuses one with a CN) [env IPAM_CERT]
+  --key FILE            the client certificate's private key, PEM [env IPAM_KEY]
+  --user NAME           etcd user [env IPAM_USER]
+  --password-file FILE  the user's password is this file's first line
+                        [env IPAM_PASSWORD_FILE; or the password in env IPAM_PASSWORD]
+  --config FILE         settings file (default /etc/sysconfig/oam-docker-ipam)
   --debug               log debug messages [env DEBUG=true]
   --host-id ID          this host's stable identity in owner records [env HOST_ID]
                         (default: derived from /etc/machine-id)
   -h, --help            print help (also: COMMAND --help)
   -v, -V, --version     print the version
 
+Each [env NAME] may also be set as NAME=value in the settings file, which the
+service reads too. The password is never taken from the command line.
 Flags may also be written with one dash (-cluster-store=URL, -ip-start A/N), as the
 original tool accepted them.
 ";
@@ -235,6 +251,15 @@ pub enum UsageError {
         flag: &'static str,
         error: AddrError,
     },
+    /// A setting from the environment or the settings file is refused.
+    Setting {
+        origin: String,
+        error: Box<UsageError>,
+    },
+    /// The settings file cannot be read.
+    Config(ConfigError),
+    /// `--password` was given: a password on the command line shows in process lists.
+    PasswordOnCommandLine,
 }
 
 impl fmt::Display for UsageError {
@@ -252,6 +277,14 @@ impl fmt::Display for UsageError {
                 write!(f, "invalid {flag} {value:?}: {reason}")
             }
             UsageError::Addr { flag, error } => write!(f, "{flag}: {error}"),
+            UsageError::Setting { origin, error } => write!(f, "{error} ({origin})"),
+            UsageError::Config(e) => write!(f, "{e}"),
+            UsageError::PasswordOnCommandLine => write!(
+                f,
+                "the password is not taken from the command line, where every user's process \
+                 list shows it: use --password-file FILE (its first line) or IPAM_PASSWORD in \
+                 the environment"
+            ),
         }
     }
 }
@@ -275,6 +308,20 @@ pub struct Global {
     pub host_id: Option<String>,
     /// Settings that were ignored, to be logged once logging is set up.
     pub warnings: Vec<String>,
+    /// CA, client certificate and key files for https:// endpoints.
+    pub tls: TlsFiles,
+    /// The etcd user, and where its password is (both or neither).
+    pub user: Option<String>,
+    pub password: Option<Password>,
+}
+
+/// Where the etcd password is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Password {
+    /// The first line of this file (`--password-file`, `IPAM_PASSWORD_FILE`).
+    File(PathBuf),
+    /// The password itself (`IPAM_PASSWORD` in the environment).
+    Given(Secret),
 }
 
 /// `create-network`'s settings.
@@ -366,6 +413,13 @@ const LONG_FLAGS: &[&str] = &[
     "store-prefix",
     "timeout",
     "debug",
+    "config",
+    "cacert",
+    "cert",
+    "key",
+    "user",
+    "password-file",
+    "password",
     "help",
     "version",
     "socket",
@@ -400,61 +454,141 @@ fn double_dash(arg: OsString) -> OsString {
     }
 }
 
-/// Reads the environment variables that stand in for global flags.
-pub fn env_defaults() -> (Option<String>, Option<String>) {
-    let get = |name| {
-        std::env::var(name)
-            .ok()
-            .filter(|v: &String| !v.trim().is_empty())
-    };
-    (get("CLUSTER_STORE"), get("DEBUG"))
+/// Where global settings come from besides the command line: environment variables, and
+/// the settings file (read only for commands that reach etcd, so that `--help` never fails).
+pub struct Sources<'a> {
+    /// The value of an environment variable; empty counts as unset.
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+    /// Reads the settings file: the one `--config` names, or the default one.
+    pub config: &'a dyn Fn(Option<&Path>) -> Result<ConfigFile, ConfigError>,
 }
 
-/// Parses the arguments (without the program name); `env` is (CLUSTER_STORE, DEBUG).
+impl Sources<'static> {
+    /// The process's environment and the settings file on disk.
+    pub fn system() -> Sources<'static> {
+        Sources {
+            env: &env_var,
+            config: &config::load,
+        }
+    }
+}
+
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// The global flags as typed.
+#[derive(Default)]
+struct GlobalFlags {
+    cluster_store: Option<String>,
+    store_prefix: Option<String>,
+    timeout: Option<String>,
+    debug: Option<bool>,
+    config: Option<PathBuf>,
+    cacert: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    user: Option<String>,
+    password_file: Option<String>,
+    host_id: Option<String>,
+}
+
+/// Where a setting's value came from, for messages.
+enum Origin {
+    Flag,
+    Env(&'static str),
+    File {
+        key: &'static str,
+        path: PathBuf,
+        line: usize,
+    },
+}
+
+impl Origin {
+    /// `error`, saying where the refused value came from unless it was typed as a flag.
+    fn blame(&self, error: UsageError) -> UsageError {
+        let origin = match self {
+            Origin::Flag => return error,
+            Origin::Env(key) => format!("from {key} in the environment"),
+            Origin::File { key, path, line } => {
+                format!("from {key} in {} line {line}", path.display())
+            }
+        };
+        UsageError::Setting {
+            origin,
+            error: Box::new(error),
+        }
+    }
+}
+
+/// Looks a setting up in order: the flag, the environment variable `key`, the settings file.
+fn setting(
+    flag: Option<String>,
+    key: &'static str,
+    sources: &Sources,
+    file: &ConfigFile,
+) -> Option<(String, Origin)> {
+    if let Some(v) = flag {
+        return Some((v, Origin::Flag));
+    }
+    if let Some(v) = (sources.env)(key) {
+        return Some((v, Origin::Env(key)));
+    }
+    file.get(key)
+        .filter(|(v, _)| !v.trim().is_empty())
+        .map(|(v, line)| {
+            (
+                v.to_string(),
+                Origin::File {
+                    key,
+                    path: file.path.clone(),
+                    line,
+                },
+            )
+        })
+}
+
+/// Parses the arguments (without the program name); settings not given as flags come from
+/// `sources`: flag, then environment, then settings file, then the default.
 pub fn parse(
     args: impl IntoIterator<Item = OsString>,
-    env: (Option<String>, Option<String>),
+    sources: &Sources,
 ) -> Result<(Global, Command), UsageError> {
     let mut parser = lexopt::Parser::from_args(args.into_iter().map(double_dash));
-    let (env_store, env_debug) = env;
-    let mut store = env_store.unwrap_or_else(|| DEFAULT_CLUSTER_STORE.into());
-    let mut warnings = Vec::new();
-    // An environment variable set for something else must not break every command.
-    let mut debug = match env_debug.map(|v| (parse_bool("DEBUG", &v), v)) {
-        Some((Ok(on), _)) => on,
-        Some((Err(_), v)) => {
-            warnings.push(format!(
-                "ignoring DEBUG={v:?} from the environment: expected true or false"
-            ));
-            false
-        }
-        None => false,
-    };
-    let mut store_prefix = DEFAULT_STORE_PREFIX.to_string();
-    let mut timeout = DEFAULT_TIMEOUT_SECS;
-    let mut host_id = None;
+    let mut flags = GlobalFlags::default();
     let command = loop {
         match parser.next()? {
-            Some(Long("cluster-store")) => store = text(parser.value()?, "--cluster-store")?,
-            Some(Long("store-prefix")) => {
-                store_prefix = text(parser.value()?, "--store-prefix")?;
+            Some(Long("cluster-store")) => {
+                flags.cluster_store = Some(text(parser.value()?, "--cluster-store")?)
             }
-            Some(Long("timeout")) => {
-                let v = text(parser.value()?, "--timeout")?;
-                timeout = parse_seconds(&v)?;
+            Some(Long("store-prefix")) => {
+                flags.store_prefix = Some(text(parser.value()?, "--store-prefix")?);
             }
             Some(Long("host-id")) => {
-                host_id = Some(parse_host_id(
+                flags.host_id = Some(parse_host_id(
                     "--host-id",
                     &text(parser.value()?, "--host-id")?,
                 )?);
             }
+            Some(Long("timeout")) => flags.timeout = Some(text(parser.value()?, "--timeout")?),
             Some(Long("debug")) => {
-                debug = match parser.optional_value() {
+                flags.debug = Some(match parser.optional_value() {
                     Some(v) => parse_bool("--debug", &text(v, "--debug")?)?,
                     None => true,
-                }
+                })
             }
+            Some(Long("config")) => {
+                flags.config = Some(PathBuf::from(text(parser.value()?, "--config")?))
+            }
+            Some(Long("cacert")) => flags.cacert = Some(text(parser.value()?, "--cacert")?),
+            Some(Long("cert")) => flags.cert = Some(text(parser.value()?, "--cert")?),
+            Some(Long("key")) => flags.key = Some(text(parser.value()?, "--key")?),
+            Some(Long("user")) => flags.user = Some(text(parser.value()?, "--user")?),
+            Some(Long("password-file")) => {
+                flags.password_file = Some(text(parser.value()?, "--password-file")?)
+            }
+            // Never echo what follows: it is a password.
+            Some(Long("password")) => return Err(UsageError::PasswordOnCommandLine),
             Some(Short('h') | Long("help")) => return Ok((global_defaults(), Command::Help(HELP))),
             Some(Short('V' | 'v') | Long("version")) => {
                 return Ok((global_defaults(), Command::Version))
@@ -467,28 +601,165 @@ pub fn parse(
     if command == "help" || command == "h" {
         return Ok((global_defaults(), parse_help(&mut parser)?));
     }
-    let global = Global {
-        endpoints: parse_endpoints(&store)?,
-        store_prefix: parse_prefix(&store_prefix)?,
-        timeout: Duration::from_secs_f64(timeout),
-        debug,
-        host_id,
-        warnings,
-    };
     let command = match command.as_str() {
-        "server" => parse_server(&mut parser)?,
-        "ip-range" => parse_ip_range(&mut parser)?,
-        "release-ip" => parse_release_ip(&mut parser)?,
-        "host-range" => parse_host_range(&mut parser)?,
-        "release-host" => parse_release_host(&mut parser)?,
-        "create-network" => parse_create_network(&mut parser)?,
-        "migrate-v2" => parse_migrate_v2(&mut parser)?,
-        "show" => parse_show(&mut parser)?,
-        "check" => parse_check(&mut parser)?,
-        "reconcile" => parse_reconcile(&mut parser)?,
+        "server" => parse_server(&mut parser),
+        "ip-range" => parse_ip_range(&mut parser),
+        "release-ip" => parse_release_ip(&mut parser),
+        "host-range" => parse_host_range(&mut parser),
+        "release-host" => parse_release_host(&mut parser),
+        "create-network" => parse_create_network(&mut parser),
+        "migrate-v2" => parse_migrate_v2(&mut parser),
+        "show" => parse_show(&mut parser),
+        "check" => parse_check(&mut parser),
+        "reconcile" => parse_reconcile(&mut parser),
         _ => return Err(UsageError::UnknownCommand(command)),
     };
-    Ok((global, command))
+    // A command's help needs no settings; otherwise a refused global setting is reported
+    // before a refused command flag.
+    if let Ok(Command::Help(_)) = command {
+        return Ok((global_defaults(), command?));
+    }
+    let file = (sources.config)(flags.config.as_deref()).map_err(UsageError::Config)?;
+    let global = resolve(flags, sources, &file)?;
+    Ok((global, command?))
+}
+
+/// The global settings from the flags as typed, the environment and the settings file.
+fn resolve(flags: GlobalFlags, sources: &Sources, file: &ConfigFile) -> Result<Global, UsageError> {
+    let mut warnings = file.warnings.clone();
+    let endpoints = match setting(flags.cluster_store, "CLUSTER_STORE", sources, file) {
+        Some((v, origin)) => parse_endpoints(&v).map_err(|e| origin.blame(e))?,
+        None => vec![DEFAULT_CLUSTER_STORE.to_string()],
+    };
+    let store_prefix = match setting(flags.store_prefix, "IPAM_STORE_PREFIX", sources, file) {
+        Some((v, origin)) => parse_prefix(&v).map_err(|e| origin.blame(e))?,
+        None => DEFAULT_STORE_PREFIX.to_string(),
+    };
+    let timeout = match setting(flags.timeout, "IPAM_TIMEOUT", sources, file) {
+        Some((v, origin)) => parse_seconds(&v).map_err(|e| origin.blame(e))?,
+        None => DEFAULT_TIMEOUT_SECS,
+    };
+    // A DEBUG set for something else must not break every command: a warning.
+    let debug = match flags.debug {
+        Some(on) => on,
+        None => match setting(None, "DEBUG", sources, file) {
+            Some((v, origin)) => match parse_bool("DEBUG", &v) {
+                Ok(on) => on,
+                Err(_) => {
+                    let from = match origin.blame(UsageError::NoCommand) {
+                        UsageError::Setting { origin, .. } => origin,
+                        _ => String::new(),
+                    };
+                    warnings.push(format!(
+                        "ignoring DEBUG={v:?} {from}: expected true or false"
+                    ));
+                    false
+                }
+            },
+            None => false,
+        },
+    };
+    let path =
+        |flag, key| setting(flag, key, sources, file).map(|(v, origin)| (PathBuf::from(v), origin));
+    let cacert = path(flags.cacert, "IPAM_CACERT");
+    let cert = path(flags.cert, "IPAM_CERT");
+    let key = path(flags.key, "IPAM_KEY");
+    match (&cert, &key) {
+        (Some((_, origin)), None) => {
+            return Err(origin.blame(UsageError::Missing {
+                command: "--cert",
+                flag: "--key (the client certificate's private key)",
+            }))
+        }
+        (None, Some((_, origin))) => {
+            return Err(origin.blame(UsageError::Missing {
+                command: "--key",
+                flag: "--cert (the client certificate)",
+            }))
+        }
+        _ => {}
+    }
+    let user = setting(flags.user, "IPAM_USER", sources, file);
+    if let Some((name, origin)) = &user {
+        if name.contains(char::is_whitespace) || name.contains(':') {
+            return Err(origin.blame(UsageError::Invalid {
+                flag: "--user",
+                value: name.clone(),
+                reason: "expected an etcd user name, without spaces or ':' (the password \
+                         goes in --password-file)"
+                    .into(),
+            }));
+        }
+    }
+    // The password: a file named by the flag, a password in the environment, a file named
+    // in the environment, a file named in the settings file. A password written into the
+    // settings file itself (readable by everyone) is not taken.
+    if file.get("IPAM_PASSWORD").is_some() {
+        warnings.push(format!(
+            "ignoring IPAM_PASSWORD in {}: that file is readable by every user; put the \
+             password in a file only root can read and name it with IPAM_PASSWORD_FILE",
+            file.path.display()
+        ));
+    }
+    let password = match (flags.password_file, (sources.env)("IPAM_PASSWORD")) {
+        (Some(f), _) => Some((Password::File(f.into()), Origin::Flag)),
+        (None, Some(p)) => Some((
+            Password::Given(Secret::new(p)),
+            Origin::Env("IPAM_PASSWORD"),
+        )),
+        (None, None) => path(None, "IPAM_PASSWORD_FILE").map(|(f, o)| (Password::File(f), o)),
+    };
+    let (user, password) = match (user, password) {
+        (Some((user, _)), Some((password, _))) => (Some(user), Some(password)),
+        (None, None) => (None, None),
+        (Some((_, origin)), None) => {
+            return Err(origin.blame(UsageError::Missing {
+                command: "--user",
+                flag: "a password (--password-file FILE, or IPAM_PASSWORD in the environment)",
+            }))
+        }
+        (None, Some((_, origin))) => {
+            return Err(origin.blame(UsageError::Missing {
+                command: "a password",
+                flag: "--user",
+            }))
+        }
+    };
+    let tls = TlsFiles {
+        cacert: cacert.map(|(p, _)| p),
+        cert: cert.map(|(p, _)| p),
+        key: key.map(|(p, _)| p),
+    };
+    let plain: Vec<&String> = endpoints
+        .iter()
+        .filter(|e| e.starts_with("http://"))
+        .collect();
+    if !plain.is_empty() && user.is_some() {
+        warnings.push(format!(
+            "the etcd password goes unencrypted to {}: use https:// endpoints",
+            plain
+                .iter()
+                .map(|e| e.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if plain.len() == endpoints.len() && tls != TlsFiles::default() {
+        warnings.push(
+            "--cacert, --cert and --key are unused: every endpoint is http://, not https://".into(),
+        );
+    }
+    Ok(Global {
+        endpoints,
+        store_prefix,
+        timeout: Duration::from_secs_f64(timeout),
+        debug,
+        host_id: flags.host_id,
+        warnings,
+        tls,
+        user,
+        password,
+    })
 }
 
 /// `help [COMMAND]` (or `h`), as the original's CLI library had it.
@@ -529,6 +800,9 @@ fn global_defaults() -> Global {
         debug: false,
         host_id: None,
         warnings: Vec::new(),
+        tls: TlsFiles::default(),
+        user: None,
+        password: None,
     }
 }
 
@@ -981,8 +1255,43 @@ fn parse_create_network(parser: &mut lexopt::Parser) -> Result<Command, UsageErr
 mod tests {
     use super::*;
 
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn no_file(_: Option<&Path>) -> Result<ConfigFile, ConfigError> {
+        Ok(ConfigFile::default())
+    }
+
     fn run(args: &[&str]) -> Result<(Global, Command), UsageError> {
-        parse(args.iter().map(OsString::from), (None, None))
+        let sources = Sources {
+            env: &no_env,
+            config: &no_file,
+        };
+        parse(args.iter().map(OsString::from), &sources)
+    }
+
+    /// Parses `args` with these environment variables and this settings file.
+    fn run_with(
+        args: &[&str],
+        env: &[(&str, &str)],
+        file: &str,
+    ) -> Result<(Global, Command), UsageError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let file = file.to_string();
+        let load = move |given: Option<&Path>| {
+            let path = given.unwrap_or(Path::new(config::DEFAULT_PATH));
+            Ok(config::parse(path, &file))
+        };
+        let sources = Sources {
+            env: &lookup,
+            config: &load,
+        };
+        parse(args.iter().map(OsString::from), &sources)
     }
 
     #[test]
@@ -1018,13 +1327,130 @@ mod tests {
 
     #[test]
     fn environment_stands_in_for_flags() {
-        let env = (
-            Some("http://127.0.0.1:1".to_string()),
-            Some("1".to_string()),
-        );
-        let (g, _) = parse(["server".into()], env).unwrap();
+        let env = [("CLUSTER_STORE", "http://127.0.0.1:1"), ("DEBUG", "1")];
+        let (g, _) = run_with(&["server"], &env, "").unwrap();
         assert_eq!(g.endpoints, vec!["http://127.0.0.1:1".to_string()]);
         assert!(g.debug);
+    }
+
+    #[test]
+    fn a_flag_beats_the_environment_which_beats_the_settings_file() {
+        let file = "CLUSTER_STORE=https://file:2379\nIPAM_STORE_PREFIX=/file\n\
+                    IPAM_TIMEOUT=9\nIPAM_CACERT=/file/ca.pem\nIPAM_CERT=/file/c.pem\n\
+                    IPAM_KEY=/file/k.pem\nIPAM_USER=fileuser\nIPAM_PASSWORD_FILE=/file/pw\n";
+        let (g, _) = run_with(&["server"], &[], file).unwrap();
+        assert_eq!(g.endpoints, ["https://file:2379"]);
+        assert_eq!(g.store_prefix, "/file");
+        assert_eq!(g.timeout, Duration::from_secs(9));
+        assert_eq!(g.tls.cacert, Some("/file/ca.pem".into()));
+        assert_eq!(g.tls.key, Some("/file/k.pem".into()));
+        assert_eq!(g.user.as_deref(), Some("fileuser"));
+        assert_eq!(g.password, Some(Password::File("/file/pw".into())));
+
+        let env = [
+            ("CLUSTER_STORE", "https://env:2379"),
+            ("IPAM_TIMEOUT", "8"),
+            ("IPAM_PASSWORD", "from-env"),
+        ];
+        let (g, _) = run_with(&["server"], &env, file).unwrap();
+        assert_eq!(g.endpoints, ["https://env:2379"]);
+        assert_eq!(g.timeout, Duration::from_secs(8));
+        assert_eq!(g.store_prefix, "/file");
+        assert_eq!(
+            g.password,
+            Some(Password::Given(Secret::new("from-env".into())))
+        );
+
+        let flags = [
+            "--cluster-store",
+            "https://flag:2379",
+            "--timeout",
+            "7",
+            "--password-file",
+            "/flag/pw",
+            "server",
+        ];
+        let (g, _) = run_with(&flags, &env, file).unwrap();
+        assert_eq!(g.endpoints, ["https://flag:2379"]);
+        assert_eq!(g.timeout, Duration::from_secs(7));
+        assert_eq!(g.password, Some(Password::File("/flag/pw".into())));
+
+        // --help needs no settings file, even a broken one.
+        let broken = |_: Option<&Path>| {
+            Err(ConfigError {
+                path: "/x".into(),
+                reason: "unreadable".into(),
+            })
+        };
+        let sources = Sources {
+            env: &no_env,
+            config: &broken,
+        };
+        let help = parse(["server".into(), "--help".into()], &sources).unwrap();
+        assert_eq!(help.1, Command::Help(SERVER_HELP));
+        let err = parse(["server".into()], &sources).unwrap_err();
+        assert_eq!(err.to_string(), "--config /x: unreadable");
+    }
+
+    #[test]
+    fn a_refused_setting_says_where_it_came_from() {
+        let err = run_with(&["server"], &[], "\nIPAM_TIMEOUT=soon\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid --timeout \"soon\": expected a number of seconds above 0 and at most 3600 \
+             (from IPAM_TIMEOUT in /etc/sysconfig/oam-docker-ipam line 2)"
+        );
+        let err = run_with(&["server"], &[("CLUSTER_STORE", "etcd:2379")], "").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("invalid --cluster-store \"etcd:2379\"")
+                && err
+                    .to_string()
+                    .ends_with("(from CLUSTER_STORE in the environment)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tls_and_user_settings_come_in_pairs_and_the_password_never_from_argv() {
+        let err = run(&["--cert", "/c.pem", "server"]).unwrap_err();
+        assert!(err.to_string().starts_with("--cert needs --key"), "{err}");
+        let err = run(&["--key", "/k.pem", "server"]).unwrap_err();
+        assert!(err.to_string().starts_with("--key needs --cert"), "{err}");
+        let err = run(&["--user", "ipam", "server"]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("--user needs a password"),
+            "{err}"
+        );
+        let err = run(&["--password-file", "/pw", "server"]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("a password needs --user"),
+            "{err}"
+        );
+        for args in [
+            &["--password", "s3cret", "server"][..],
+            &["--password=s3cret", "server"],
+            &["-password=s3cret", "server"],
+        ] {
+            let err = run(args).unwrap_err().to_string();
+            assert!(!err.contains("s3cret"), "{err}");
+            assert!(err.contains("not taken from the command line"), "{err}");
+        }
+        let (g, _) = run_with(
+            &["--user", "ipam", "server"],
+            &[],
+            "IPAM_PASSWORD=in-a-world-readable-file\nIPAM_PASSWORD_FILE=/pw\n",
+        )
+        .unwrap();
+        assert_eq!(g.password, Some(Password::File("/pw".into())));
+        assert!(
+            g.warnings
+                .iter()
+                .any(|w| w.starts_with("ignoring IPAM_PASSWORD in")),
+            "{:?}",
+            g.warnings
+        );
+        assert!(!format!("{g:?}").contains("in-a-world-readable-file"));
     }
 
     #[test]
@@ -1128,11 +1554,11 @@ mod tests {
 
     #[test]
     fn an_unreadable_debug_in_the_environment_is_a_warning() {
-        let (g, c) = parse(["server".into()], (None, Some("verbose".into()))).unwrap();
+        let (g, c) = run_with(&["server"], &[("DEBUG", "verbose")], "").unwrap();
         assert!(!g.debug);
         assert_eq!(
             g.warnings,
-            ["ignoring DEBUG=\"verbose\" from the environment: expected true or false"]
+            ["ignoring DEBUG=\"verbose\" from DEBUG in the environment: expected true or false"]
         );
         assert!(matches!(c, Command::Server { .. }));
         assert!(run(&["--debug=verbose", "server"]).is_err());

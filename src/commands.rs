@@ -6,9 +6,10 @@ use std::io::{IsTerminal, Write};
 use std::net::Ipv4Addr;
 
 use crate::alloc::{AllocError, Allocator, Released};
-use crate::cli::{Command, Global, ShowFlags, UsageError};
-use crate::etcd::Client;
+use crate::auth::{AuthError, Credentials, Secret};
+use crate::cli::{Command, Global, Password, ShowFlags, UsageError};
 use crate::etcd::V2Tree;
+use crate::etcd::{Client, Security};
 use crate::inspect::{self, Listing, ShowError, Snapshot};
 use crate::ipam::{self, Plugin};
 use crate::kv::{Kv, Range, StoreError};
@@ -20,6 +21,7 @@ use crate::pools::{self, PoolError};
 use crate::reconcile::{self, Outcome, ReconcileError};
 use crate::server::{self, BodyError, Reply, ServerError};
 use crate::shrink::{self, ShrinkError};
+use crate::tls::{self, TlsError};
 
 /// Why a command failed at run time. Exit status 1.
 #[derive(Debug)]
@@ -57,6 +59,20 @@ pub enum Failure {
     },
     /// A setting from the environment is malformed.
     Setting(UsageError),
+    /// The TLS files cannot be used (exit status 2, as a malformed setting).
+    Tls(TlsError),
+    /// The password file cannot be read (exit status 2).
+    Password(AuthError),
+}
+
+impl Failure {
+    /// 2 for settings that cannot work (restarting the service cannot fix them), else 1.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Tls(_) | Failure::Password(_) => 2,
+            _ => 1,
+        }
+    }
 }
 
 impl fmt::Display for Failure {
@@ -86,6 +102,8 @@ impl fmt::Display for Failure {
             ),
             Failure::Found { count, what, hint } => write!(f, "{count} {what}{hint}"),
             Failure::Setting(e) => write!(f, "{e}"),
+            Failure::Tls(e) => write!(f, "{e}"),
+            Failure::Password(e) => write!(f, "{e}"),
         }
     }
 }
@@ -150,17 +168,22 @@ pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
     for warning in &global.warnings {
         log::warn!("{warning}");
     }
-    let etcd = || Client::new(global.endpoints.clone(), global.timeout);
-    let layout = Layout::new(&global.store_prefix);
     match command {
         Command::Help(text) => {
             print!("{text}");
-            Ok(())
+            return Ok(());
         }
         Command::Version => {
             println!("oam-docker-ipam {}", env!("CARGO_PKG_VERSION"));
-            Ok(())
+            return Ok(());
         }
+        _ => {}
+    }
+    let security = security(global)?;
+    let etcd = || Client::secured(global.endpoints.clone(), global.timeout, security.clone());
+    let layout = Layout::new(&global.store_prefix);
+    match command {
+        Command::Help(_) | Command::Version => Ok(()),
         Command::IpRange { range } => {
             let mut progress = Progress::new("pooling container addresses");
             let report = pools::add_container_range(&etcd(), &layout, range, &mut |d, t| {
@@ -318,6 +341,22 @@ impl<K: Kv> server::Handler for Served<K> {
     fn idle(&mut self) {
         self.0.settle();
     }
+}
+
+/// The TLS configuration and credentials of `global`, read from their files once.
+fn security(global: &Global) -> Result<Security, Failure> {
+    let tls = tls::config(&global.tls).map_err(Failure::Tls)?;
+    let credentials = match (&global.user, &global.password) {
+        (Some(user), Some(password)) => Some(Credentials {
+            user: user.clone(),
+            password: match password {
+                Password::File(path) => Secret::from_file(path).map_err(Failure::Password)?,
+                Password::Given(secret) => secret.clone(),
+            },
+        }),
+        _ => None,
+    };
+    Ok(Security { tls, credentials })
 }
 
 /// Says at start which etcd the server will use, and warns (it serves anyway: etcd may come

@@ -12,7 +12,9 @@ use base64::Engine as _;
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
+use crate::auth::{self, AuthError, Credentials, Meaning, Session};
 use crate::kv::{Compare, KeyValue, Kv, Op, Range, StoreError, Txn, TxnOutcome};
+use crate::tls;
 
 /// Largest answer read from etcd: a keys-only range over a /16 pool is about 6 MB.
 const MAX_ANSWER_BYTES: u64 = 64 * 1024 * 1024;
@@ -50,6 +52,11 @@ pub enum Error {
     BadAnswer { endpoint: String, reason: String },
     /// The server is etcd 2.x, which has no v3 API.
     V2Only { endpoint: String, version: String },
+    /// A certificate was refused, ours or the server's, or TLS failed otherwise: another
+    /// endpoint of the same cluster would refuse it too.
+    Certificate { endpoint: String, reason: String },
+    /// A wrong user or password, a missing permission, or credentials needed.
+    Auth(AuthError),
 }
 
 impl fmt::Display for Error {
@@ -81,6 +88,10 @@ impl fmt::Display for Error {
                  --enable-v2=true and run 'oam-docker-ipam migrate-v2' to bring the original's \
                  pools over"
             ),
+            Error::Certificate { endpoint, reason } => {
+                write!(f, "certificate problem with {endpoint}: {reason}")
+            }
+            Error::Auth(e) => write!(f, "{e}"),
         }
     }
 }
@@ -181,13 +192,30 @@ pub struct Client {
     /// Requests sent (for the benchmark's round-trip counts).
     requests: AtomicU64,
     health: Arc<Health>,
+    /// The user and token, when etcd wants authentication.
+    auth: Option<Session>,
+}
+
+/// How a client proves who it is: the TLS settings (trusted CAs, client certificate) and
+/// an etcd user, if any.
+#[derive(Default, Clone)]
+pub struct Security {
+    pub tls: ureq::tls::TlsConfig,
+    pub credentials: Option<Credentials>,
 }
 
 impl Client {
-    /// A client for `endpoints` (`http://host:port`, tried in order) where every request,
+    /// A client for `endpoints` (`http://host:port`; each request starts from the one that
+    /// answered last) where every request,
     /// connect included, must finish within `timeout`.
     pub fn new(endpoints: Vec<String>, timeout: Duration) -> Client {
+        Client::secured(endpoints, timeout, Security::default())
+    }
+
+    /// Like `new`, with TLS settings and an etcd user.
+    pub fn secured(endpoints: Vec<String>, timeout: Duration, security: Security) -> Client {
         let config = ureq::Agent::config_builder()
+            .tls_config(security.tls)
             .timeout_global(Some(timeout))
             .http_status_as_error(false)
             // etcd sits on the cluster network; an HTTP proxy from the environment never helps.
@@ -208,6 +236,7 @@ impl Client {
             api_prefix: OnceLock::new(),
             requests: AtomicU64::new(0),
             health: Arc::default(),
+            auth: security.credentials.map(Session::new),
         }
     }
 
@@ -312,7 +341,7 @@ impl Client {
             .agent
             .get(&format!("{endpoint}{path}"))
             .call()
-            .map_err(transport_reason)?;
+            .map_err(|e| self.transport_failure(endpoint, e))?;
         let status = answer.status().as_u16();
         let index = answer
             .headers()
@@ -358,15 +387,7 @@ impl Client {
     fn call_one(&self, endpoint: &str, path: &str, body: &str) -> Result<Value, Attempt> {
         let prefix = self.api_prefix(endpoint)?;
         let url = format!("{endpoint}{prefix}{path}");
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        let mut answer = self
-            .agent
-            .post(&url)
-            .header("Content-Type", "application/json")
-            .send(body)
-            .map_err(transport_reason)?;
-        let status = answer.status().as_u16();
-        let bytes = body_of(&mut answer)?;
+        let (status, bytes) = self.send_authorized(endpoint, prefix, &url, body)?;
         if status == 200 {
             return serde_json::from_slice(&bytes).map_err(|e| {
                 Attempt::Fail(Error::BadAnswer {
@@ -380,6 +401,9 @@ impl Client {
         // it was given may still be applied ("transport is closing" comes after the fact).
         if status == 503 {
             return Err(Attempt::Unanswered(format!("unavailable: {message}")));
+        }
+        if let Some(e) = self.refusal(endpoint, &message) {
+            return Err(Attempt::Fail(e));
         }
         Err(Attempt::Fail(Error::Refused {
             endpoint: endpoint.into(),
@@ -426,7 +450,11 @@ impl Client {
     fn read_version(&self, endpoint: &str) -> Result<String, Attempt> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let url = format!("{endpoint}/version");
-        let mut answer = self.agent.get(&url).call().map_err(transport_reason)?;
+        let mut answer = self
+            .agent
+            .get(&url)
+            .call()
+            .map_err(|e| self.transport_failure(endpoint, e))?;
         let text = answer
             .body_mut()
             .read_to_string()
@@ -749,6 +777,187 @@ impl Kv for Client {
 
     fn txn(&self, txn: &Txn) -> Result<TxnOutcome, StoreError> {
         Ok(Client::txn(self, txn)?)
+    }
+}
+
+/// Authentication and TLS refusals: kept apart from the failover and retry logic above.
+impl Client {
+    /// POSTs `body` to `url` on `endpoint` with the current token, authenticating first if
+    /// there is none; a token etcd no longer takes (expired after `--auth-token-ttl` seconds
+    /// unused, or invalidated by a change of users or roles) is renewed once and the request
+    /// sent again: etcd refused it before doing anything, so sending it again is safe.
+    fn send_authorized(
+        &self,
+        endpoint: &str,
+        prefix: &str,
+        url: &str,
+        body: &str,
+    ) -> Result<(u16, Vec<u8>), Attempt> {
+        let Some(session) = &self.auth else {
+            return self.post(endpoint, url, body, None);
+        };
+        let token = match session.current() {
+            auth::Current::NotNeeded => return self.post(endpoint, url, body, None),
+            auth::Current::Token(token) => token,
+            auth::Current::Missing => match self.authenticate(endpoint, prefix, session)? {
+                Some(token) => token,
+                None => return self.post(endpoint, url, body, None),
+            },
+        };
+        let (status, bytes) = self.post(endpoint, url, body, Some(&token))?;
+        // "user name is empty" although a token went: etcd did not know the token either.
+        let stale = |m| matches!(m, Meaning::RenewToken | Meaning::NeedsUser);
+        if status == 200 || !stale(auth::meaning(&error_message(&bytes))) {
+            return Ok((status, bytes));
+        }
+        log::debug!("etcd {endpoint}: the auth token expired; authenticating again");
+        session.forget(&token);
+        let Some(fresh) = self.authenticate(endpoint, prefix, session)? else {
+            return self.post(endpoint, url, body, None);
+        };
+        let (status, bytes) = self.post(endpoint, url, body, Some(&fresh))?;
+        let message = error_message(&bytes);
+        if status != 200 && stale(auth::meaning(&message)) {
+            session.forget(&fresh);
+            return Err(Attempt::Fail(Error::Auth(AuthError::TokenRefused {
+                endpoint: endpoint.into(),
+                message,
+            })));
+        }
+        Ok((status, bytes))
+    }
+
+    /// One POST; the answer's status and body.
+    fn post(
+        &self,
+        endpoint: &str,
+        url: &str,
+        body: &str,
+        token: Option<&str>,
+    ) -> Result<(u16, Vec<u8>), Attempt> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let mut request = self
+            .agent
+            .post(url)
+            .header("Content-Type", "application/json");
+        if let Some(token) = token {
+            // The bare token, as etcd's gateway takes it (no "Bearer").
+            request = request.header("Authorization", token);
+        }
+        let mut answer = request
+            .send(body)
+            .map_err(|e| self.transport_failure(endpoint, e))?;
+        let status = answer.status().as_u16();
+        Ok((status, body_of(&mut answer)?))
+    }
+
+    /// `POST <prefix>/auth/authenticate` on `endpoint`: the new token, kept in `session`;
+    /// `None` when etcd has auth disabled (requests then go without one).
+    fn authenticate(
+        &self,
+        endpoint: &str,
+        prefix: &str,
+        session: &Session,
+    ) -> Result<Option<Arc<str>>, Attempt> {
+        #[derive(Deserialize)]
+        struct Answer {
+            #[serde(default)]
+            token: String,
+        }
+        let url = format!("{endpoint}{prefix}/auth/authenticate");
+        let request = session.credentials.request_body();
+        let (status, bytes) = self.post(endpoint, &url, &request, None)?;
+        let message = error_message(&bytes);
+        match (status, auth::meaning(&message)) {
+            (200, _) => {}
+            // The request itself was not sent yet.
+            (503, _) => return Err(Attempt::NotSent(format!("unavailable: {message}"))),
+            (_, Meaning::NotEnabled) => {
+                log::warn!(
+                    "etcd {endpoint} has authentication disabled: sending requests without \
+                     the user {:?}",
+                    session.credentials.user
+                );
+                session.not_needed();
+                return Ok(None);
+            }
+            (_, Meaning::BadPassword) => {
+                return Err(Attempt::Fail(Error::Auth(AuthError::BadPassword {
+                    endpoint: endpoint.into(),
+                    user: session.credentials.user.clone(),
+                    message,
+                })))
+            }
+            _ => {
+                return Err(Attempt::Fail(self.refusal(endpoint, &message).unwrap_or(
+                    Error::Refused {
+                        endpoint: endpoint.into(),
+                        status,
+                        message,
+                    },
+                )))
+            }
+        }
+        match serde_json::from_slice::<Answer>(&bytes) {
+            Ok(answer) if !answer.token.is_empty() => {
+                log::debug!(
+                    "etcd {endpoint}: authenticated as {:?}",
+                    session.credentials.user
+                );
+                Ok(Some(session.keep(&answer.token)))
+            }
+            _ => Err(Attempt::Fail(Error::BadAnswer {
+                endpoint: endpoint.into(),
+                reason: "authenticate answered without a token".into(),
+            })),
+        }
+    }
+
+    /// A transport failure: a TLS failure is final and named as a certificate problem (the
+    /// other endpoints of a cluster have certificates from the same CA); anything else is as
+    /// `transport_reason` says.
+    fn transport_failure(&self, endpoint: &str, e: ureq::Error) -> Attempt {
+        let Some(text) = tls::failure(&e) else {
+            return transport_reason(e);
+        };
+        let sent_cert = self.agent.config().tls_config().client_cert().is_some();
+        Attempt::Fail(Error::Certificate {
+            endpoint: endpoint.into(),
+            reason: format!("{} ({text})", tls::advice(&text, sent_cert)),
+        })
+    }
+
+    /// The error an etcd message names when it is about certificates or authentication.
+    fn refusal(&self, endpoint: &str, message: &str) -> Option<Error> {
+        let user = self.auth.as_ref().map(|s| s.credentials.user.clone());
+        if message.contains("CommonName of client") {
+            return Some(Error::Certificate {
+                endpoint: endpoint.into(),
+                reason: format!(
+                    "{message}: etcd's JSON gateway refuses a client certificate whose subject \
+                     has a CommonName (CN); use one whose subject has none (such as only O=) \
+                     and identify with --user"
+                ),
+            });
+        }
+        let e = match auth::meaning(message) {
+            Meaning::PermissionDenied => AuthError::PermissionDenied {
+                endpoint: endpoint.into(),
+                user,
+                message: message.into(),
+            },
+            Meaning::NeedsUser if user.is_none() => AuthError::NeedsUser {
+                endpoint: endpoint.into(),
+                message: message.into(),
+            },
+            Meaning::BadPassword => AuthError::BadPassword {
+                endpoint: endpoint.into(),
+                user: user.unwrap_or_default(),
+                message: message.into(),
+            },
+            _ => return None,
+        };
+        Some(Error::Auth(e))
     }
 }
 

@@ -2,8 +2,10 @@
 
 pub mod addr;
 pub mod alloc;
+pub mod auth;
 pub mod cli;
 pub mod commands;
+pub mod config;
 pub mod etcd;
 pub mod host;
 pub mod http;
@@ -19,3 +21,4 @@ pub mod reconcile;
 pub mod resolver;
 pub mod server;
 pub mod shrink;
+pub mod tls;

@@ -6,7 +6,7 @@ use oam_docker_ipam::{cli, commands, logging};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let parsed = cli::parse(std::env::args_os().skip(1), cli::env_defaults());
+    let parsed = cli::parse(std::env::args_os().skip(1), &cli::Sources::system());
     let (global, command) = match parsed {
         Ok(parsed) => parsed,
         Err(e) => {
@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             logging::fatal(&e);
-            ExitCode::from(1)
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -316,7 +316,7 @@ fn both_systemd_units_verify() {
     )
     .unwrap();
     let service = std::fs::read_to_string(repo("systemd/oam-docker-ipam.service")).unwrap();
-    assert!(service.contains("ExecStart=/usr/bin/oam-docker-ipam server\n"));
+    assert!(service.contains("ExecStart=/usr/bin/oam-docker-ipam $OPTIONS server\n"));
     // The same unit, with the binary where this build put it.
     std::fs::write(
         dir.join("oam-docker-ipam.service"),
@@ -465,4 +465,46 @@ fn help_and_man_page_document_the_same_commands_and_flags() {
         let from_help = help_flags(&help(&[command, "--help"]));
         assert_eq!(man[command], from_help, "{command}: man page vs --help");
     }
+}
+
+#[test]
+fn the_settings_file_documents_every_setting_and_the_docs_name_them() {
+    let packaged = std::fs::read_to_string(repo("packaging/oam-docker-ipam.sysconfig")).unwrap();
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    let man = std::fs::read_to_string(repo("man/oam-docker-ipam.8")).unwrap();
+    for key in oam_docker_ipam::config::KNOWN {
+        assert!(readme.contains(key), "README.md does not name {key}");
+        assert!(man.contains(key), "the man page does not name {key}");
+        if *key == "IPAM_PASSWORD" {
+            // Documented, but not as a setting of this world-readable file.
+            assert!(!packaged.lines().any(|l| l.starts_with("#IPAM_PASSWORD=")));
+            continue;
+        }
+        assert!(
+            packaged.lines().any(|l| l.starts_with(&format!("#{key}="))),
+            "the packaged settings file does not document {key}"
+        );
+    }
+    // Every setting it shows, uncommented, is read without a warning.
+    let uncommented: String = packaged
+        .lines()
+        .map(|l| match l.strip_prefix('#') {
+            Some(rest)
+                if rest
+                    .split('=')
+                    .next()
+                    .is_some_and(|k| oam_docker_ipam::config::KNOWN.contains(&k)) =>
+            {
+                rest.to_string()
+            }
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let parsed = oam_docker_ipam::config::parse(Path::new("sysconfig"), &uncommented);
+    assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
+    assert_eq!(
+        parsed.entries.len(),
+        oam_docker_ipam::config::KNOWN.len() - 1
+    );
 }

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(etcd-server etcd-client docker.io busybox-static iproute2 util-linux rpm rpmlint
-          mandoc musl-tools systemd debootstrap systemd-container procps cpio curl)
+          mandoc musl-tools systemd debootstrap systemd-container procps cpio curl openssl)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,4 +1,5 @@
-//! Test helpers: a real etcd on free loopback ports, the binary under test, a client for the
+//! Test helpers: a real etcd on free loopback ports (also one with TLS, client certificates
+//! and auth, from a CA made with the openssl CLI), the binary under test, a client for the
 //! plugin's Unix socket that speaks like dockerd, and a reader of etcd through etcdctl.
 #![allow(dead_code)]
 
@@ -56,6 +57,78 @@ pub struct Etcd {
     extra: String,
     /// Another address of this machine that etcd also listens on, same port.
     also_on: Option<String>,
+    /// For an etcd with TLS: the files etcdctl uses, and root's password once auth is on.
+    client_tls: Option<ClientTls>,
+}
+
+/// How etcdctl reaches an etcd with TLS and auth.
+struct ClientTls {
+    cacert: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    root_password: Option<String>,
+}
+
+/// The user and prefix `Etcd::start_secure` sets up: the user's role may read and write
+/// only keys under `SECURE_PREFIX`.
+pub const SECURE_USER: &str = "ipam";
+pub const SECURE_PREFIX: &str = "/secure";
+
+/// Certificates made with the openssl CLI in a scratch directory (removed on drop): a CA,
+/// etcd's server certificate for 127.0.0.1 and localhost, a client certificate whose subject
+/// has no CommonName (etcd's JSON gateway refuses one with a CN), one with a CN, and a
+/// second CA that signed nothing etcd trusts.
+pub struct Pki {
+    pub dir: TempDir,
+}
+
+impl Pki {
+    pub fn new(tag: &str) -> Pki {
+        let dir = TempDir::new(&format!("pki-{tag}"));
+        let script = r#"
+            set -e
+            cd "$1"
+            ca() { openssl req -x509 -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.crt"                        -days 2 -subj "/CN=$2" 2>/dev/null; }
+            signed() { # name subject extensions
+                openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
+                printf '%b' "$3" >"$1.ext"
+                openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial                     -out "$1.crt" -days 2 -extfile "$1.ext" 2>/dev/null
+            }
+            ca ca "oam-docker-ipam test CA"
+            ca other-ca "another CA"
+            signed server "/CN=etcd" "subjectAltName=IP:127.0.0.1,DNS:localhost
+extendedKeyUsage=serverAuth,clientAuth
+"
+            signed client "/O=oam-docker-ipam" "extendedKeyUsage=clientAuth
+"
+            signed client-cn "/O=oam-docker-ipam/CN=ipam" "extendedKeyUsage=clientAuth
+"
+        "#;
+        let out = Command::new("sh")
+            .args(["-c", script, "pki"])
+            .arg(&dir.0)
+            .output()
+            .expect("the openssl CLI is installed (tests/run-all.sh installs it)");
+        ok_in("making test certificates with openssl", out);
+        // A Pki kept in a static is never dropped: remove it when this process exits.
+        let _ = Command::new("sh")
+            .args([
+                "-c",
+                r#"while kill -0 "$1" 2>/dev/null; do sleep 0.5; done; rm -rf "$2""#,
+                "pki-watchdog",
+            ])
+            .arg(std::process::id().to_string())
+            .arg(&dir.0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        Pki { dir }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
 }
 
 impl Etcd {
@@ -100,7 +173,106 @@ impl Etcd {
             watchdog: None,
             extra: extra.into(),
             also_on: None,
+            client_tls: None,
         }
+    }
+
+    /// An etcd of its own serving https with certificates from `pki`, requiring client
+    /// certificates, with auth enabled: `root` (password in etcdctl's environment only) and
+    /// `SECURE_USER` with `password`, whose role reads and writes only under `SECURE_PREFIX`.
+    /// Tokens die after 2 s unused (`--auth-token-ttl 2`).
+    pub fn start_secure(tag: &str, pki: &Pki, password: &str) -> Etcd {
+        let extra = format!(
+            "--cert-file {} --key-file {} --trusted-ca-file {} --client-cert-auth              --auth-token simple --auth-token-ttl 2",
+            pki.path("server.crt"),
+            pki.path("server.key"),
+            pki.path("ca.crt")
+        );
+        let mut etcd = Etcd::prepare(tag, &extra);
+        etcd.url = etcd.url.replace("http://", "https://");
+        etcd.client_tls = Some(ClientTls {
+            cacert: pki.dir.join("ca.crt"),
+            cert: pki.dir.join("client.crt"),
+            key: pki.dir.join("client.key"),
+            root_password: None,
+        });
+        etcd.run();
+        let root_password = format!("root-{}", std::process::id());
+        etcd.etcdctl_stdin(
+            &["user", "add", "root", "--interactive=false"],
+            &root_password,
+        );
+        etcd.etcdctl(&["user", "grant-role", "root", "root"]);
+        etcd.etcdctl(&["role", "add", "ipam-role"]);
+        let prefix = format!("{SECURE_PREFIX}/");
+        etcd.etcdctl(&[
+            "role",
+            "grant-permission",
+            "ipam-role",
+            "--prefix=true",
+            "readwrite",
+            &prefix,
+        ]);
+        etcd.etcdctl_stdin(
+            &["user", "add", SECURE_USER, "--interactive=false"],
+            password,
+        );
+        etcd.etcdctl(&["user", "grant-role", SECURE_USER, "ipam-role"]);
+        etcd.etcdctl(&["auth", "enable"]);
+        if let Some(tls) = &mut etcd.client_tls {
+            tls.root_password = Some(root_password);
+        }
+        etcd
+    }
+
+    /// Whether etcd answers its health check.
+    fn healthy(&self) -> bool {
+        match &self.client_tls {
+            None => http_get(&self.url, "/health").is_some_and(|b| b.contains("true")),
+            Some(_) => self
+                .etcdctl_command(&["endpoint", "health"])
+                .output()
+                .is_ok_and(|o| o.status.success()),
+        }
+    }
+
+    /// etcdctl (API v3) against this etcd, with the TLS files and root's credentials (in its
+    /// environment, not its arguments) where needed.
+    fn etcdctl_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("etcdctl");
+        command
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.url]);
+        if let Some(tls) = &self.client_tls {
+            command
+                .arg("--cacert")
+                .arg(&tls.cacert)
+                .arg("--cert")
+                .arg(&tls.cert)
+                .arg("--key")
+                .arg(&tls.key);
+            if let Some(password) = &tls.root_password {
+                command.env("ETCDCTL_USER", format!("root:{password}"));
+            }
+        }
+        command.args(args);
+        command
+    }
+
+    /// Runs etcdctl with `input` on its stdin (a password for `--interactive=false`).
+    fn etcdctl_stdin(&self, args: &[&str], input: &str) -> String {
+        let mut child = self
+            .etcdctl_command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run etcdctl");
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = writeln!(stdin, "{input}");
+        }
+        let out = child.wait_with_output().expect("etcdctl");
+        ok_in(&format!("etcdctl {args:?}"), out)
     }
 
     /// The etcd shared by every test of this test binary (each uses its own key prefix).
@@ -145,7 +317,7 @@ impl Etcd {
         self.watchdog = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if http_get(&self.url, "/health").is_some_and(|b| b.contains("true")) {
+            if self.healthy() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -184,12 +356,7 @@ impl Etcd {
 
     /// Runs `etcdctl` (API v3) against this etcd; its stdout.
     pub fn etcdctl(&self, args: &[&str]) -> String {
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &self.url])
-            .args(args)
-            .output()
-            .expect("run etcdctl");
+        let out = self.etcdctl_command(args).output().expect("run etcdctl");
         ok_in(&format!("etcdctl {args:?}"), out)
     }
 
