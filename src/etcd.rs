@@ -3,7 +3,7 @@
 //! It knows etcd, not what the keys mean.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -189,8 +189,6 @@ pub struct Client {
     preferred: AtomicUsize,
     /// `/v3`, `/v3beta` or `/v3alpha`, read from the first endpoint that answers `/version`.
     api_prefix: OnceLock<&'static str>,
-    /// Requests sent (for the benchmark's round-trip counts).
-    requests: AtomicU64,
     health: Arc<Health>,
     /// The user and token, when etcd wants authentication.
     auth: Option<Session>,
@@ -234,15 +232,9 @@ impl Client {
             agent,
             preferred: AtomicUsize::new(0),
             api_prefix: OnceLock::new(),
-            requests: AtomicU64::new(0),
             health: Arc::default(),
             auth: security.credentials.map(Session::new),
         }
-    }
-
-    /// How many HTTP requests this client has sent.
-    pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
     }
 
     /// POSTs `body` to `<endpoint><prefix><path>` on the first endpoint that answers.
@@ -336,7 +328,6 @@ impl Client {
     }
 
     fn v2_get(&self, endpoint: &str, path: &str) -> Result<V2Tree, Attempt> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
         let mut answer = self
             .agent
             .get(&format!("{endpoint}{path}"))
@@ -448,7 +439,6 @@ impl Client {
 
     /// `etcdserver` of the endpoint's `/version`.
     fn read_version(&self, endpoint: &str) -> Result<String, Attempt> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
         let url = format!("{endpoint}/version");
         let mut answer = self
             .agent
@@ -718,25 +708,6 @@ impl Client {
         self.endpoints.get(i).map(String::as_str).unwrap_or("etcd")
     }
 
-    /// Writes `key` unconditionally.
-    pub fn put(&self, key: &str, value: &str) -> Result<(), Error> {
-        self.call("/kv/put", &json!({ "key": b64(key), "value": b64(value) }))?;
-        Ok(())
-    }
-
-    /// Deletes `key`; how many keys were deleted (0 or 1).
-    pub fn delete(&self, key: &str) -> Result<u64, Error> {
-        #[derive(Deserialize, Default)]
-        struct Deleted {
-            #[serde(default, deserialize_with = "int64")]
-            deleted: i64,
-        }
-        let answer = self.call("/kv/deleterange", &json!({ "key": b64(key) }))?;
-        Ok(decode::<Deleted>(self.current_endpoint(), answer)?
-            .deleted
-            .max(0) as u64)
-    }
-
     pub fn range(&self, r: &Range) -> Result<Vec<KeyValue>, Error> {
         let answer = self.call("/kv/range", &range_body(r))?;
         Ok(decode::<RangeAnswer>(self.current_endpoint(), answer)?.into_kvs())
@@ -835,7 +806,6 @@ impl Client {
         body: &str,
         token: Option<&str>,
     ) -> Result<(u16, Vec<u8>), Attempt> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
         let mut request = self
             .agent
             .post(url)

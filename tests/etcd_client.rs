@@ -8,6 +8,15 @@ use oam_docker_ipam::etcd::{Client, Error};
 use oam_docker_ipam::kv::{Compare, Op, Range, Txn};
 use std::time::{Duration, Instant};
 
+/// Writes `key` unconditionally (the client itself only writes in guarded transactions).
+fn put(c: &Client, key: &str, value: &str) {
+    let txn = Txn {
+        success: vec![Op::put(key, value)],
+        ..Txn::default()
+    };
+    assert!(c.txn(&txn).unwrap().succeeded);
+}
+
 fn client(endpoints: &[&str]) -> Client {
     Client::new(
         endpoints.iter().map(|e| e.to_string()).collect(),
@@ -31,9 +40,9 @@ fn put_range_delete_and_txn_round_trip() {
     let p = unique_prefix("client");
     let c = client(&[&etcd.url]);
     // Values that need base64 care: JSON, non-ASCII, empty.
-    c.put(&format!("{p}/a"), r#"{"Host":"hôte-1"}"#).unwrap();
-    c.put(&format!("{p}/b"), "").unwrap();
-    c.put(&format!("{p}/c"), "3").unwrap();
+    put(&c, &format!("{p}/a"), r#"{"Host":"hôte-1"}"#);
+    put(&c, &format!("{p}/b"), "");
+    put(&c, &format!("{p}/c"), "3");
     let all = c.range(&Range::prefix(format!("{p}/"))).unwrap();
     let seen: Vec<(String, String)> = all
         .iter()
@@ -87,8 +96,12 @@ fn put_range_delete_and_txn_round_trip() {
     assert!(!c.txn(&guarded(d.mod_revision - 1)).unwrap().succeeded);
     assert!(c.txn(&guarded(d.mod_revision)).unwrap().succeeded);
 
-    assert_eq!(c.delete(&format!("{p}/d")).unwrap(), 1);
-    assert_eq!(c.delete(&format!("{p}/d")).unwrap(), 0);
+    let delete = Txn {
+        success: vec![Op::delete(format!("{p}/d"))],
+        ..Txn::default()
+    };
+    assert!(c.txn(&delete).unwrap().succeeded);
+    assert!(c.range(&Range::key(format!("{p}/d"))).unwrap().is_empty());
 }
 
 #[test]
@@ -97,7 +110,7 @@ fn a_dead_first_endpoint_is_skipped() {
     let dead = dead_endpoint();
     let c = client(&[&dead, &etcd.url]);
     let p = unique_prefix("failover");
-    c.put(&format!("{p}/k"), "v").unwrap();
+    put(&c, &format!("{p}/k"), "v");
     assert_eq!(
         c.range(&Range::key(format!("{p}/k"))).unwrap()[0].value,
         "v"
@@ -145,7 +158,7 @@ fn once_every_endpoint_failed_calls_fail_at_once_until_one_answers_again() {
     let mut etcd = Etcd::start("fail-fast");
     let c = client(&[&etcd.url]);
     let key = format!("{}/k", unique_prefix("fail-fast"));
-    c.put(&key, "v").unwrap();
+    put(&c, &key, "v");
     etcd.stop();
     assert!(c.range(&Range::key(&key)).unwrap_err().is_unreachable());
 
