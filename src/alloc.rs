@@ -192,12 +192,24 @@ impl<K: Kv> Allocator<K> {
         }
     }
 
-    /// Remembers that `key` holds `value`, written or seen by this allocator.
+    /// Remembers that `key` holds `value`, written or seen by this allocator, and answered to
+    /// a client: an unanswered taking of the same key left to settle is no longer to be given
+    /// back, since what it wrote (if anything) is now what that client holds.
     fn remember(&mut self, key: String, value: &str) {
+        self.answered(&key);
         if self.written.len() >= MAX_REMEMBERED {
             self.written.clear();
         }
         self.written.insert(key, value.to_string());
+    }
+
+    /// Notes that the address of `key` was answered to a client as its own: an unanswered
+    /// taking of it left to settle must not give it back now.
+    fn answered(&mut self, key: &str) {
+        self.unsettled.retain(|item| match item {
+            Unsettled::Take { keys, addr, .. } => keys.assigned(*addr) != key,
+            Unsettled::Release { .. } => true,
+        });
     }
 
     /// Changes etcd has not answered for yet.
@@ -537,6 +549,7 @@ impl<K: Kv> Allocator<K> {
                 "reserved {addr} for {} (taken out of the pool)",
                 owner.role.as_str()
             );
+            self.answered(&keys.assigned(addr));
             return Ok(());
         }
         match outcome
@@ -548,7 +561,10 @@ impl<K: Kv> Allocator<K> {
                 addr,
                 holder: holder.describe(),
             }),
-            _ => Ok(()),
+            _ => {
+                self.answered(&keys.assigned(addr));
+                Ok(())
+            }
         }
     }
 
@@ -1313,6 +1329,36 @@ mod tests {
         // Another container can have it now.
         let other = owner("02:42:00:00:00:02");
         assert_eq!(alloc.take(&keys, n, a("192.0.2.3"), &other), Ok(Taken::New));
+    }
+
+    #[test]
+    fn a_retry_answered_from_an_unsettled_taking_keeps_the_address() {
+        // The first request's taking is applied but never answered in time: it is told
+        // "failed" and the taking is left to settle. Docker asks again for the same address
+        // and is told it holds it: settling must not give it back afterwards.
+        let n = net("192.0.2.0/28");
+        let (kv, keys) = pool(n);
+        let mut alloc = quick(&kv);
+        let wanted = a("192.0.2.4");
+        kv.fail_next(1, Fault::AppliedUnanswered);
+        kv.fail_next(1000, Fault::Down);
+        let failed = alloc.take(&keys, n, wanted, &owner("02:42:00:00:00:01"));
+        assert!(
+            matches!(failed, Err(AllocError::Unsettled { .. })),
+            "{failed:?}"
+        );
+        kv.faults.borrow_mut().clear();
+        let again = owner("02:42:00:00:00:01");
+        assert_eq!(
+            alloc.take(&keys, n, wanted, &again),
+            Ok(Taken::AlreadyYours)
+        );
+        alloc.settled_at = None;
+        alloc.settle();
+        assert!(alloc.unsettled().is_empty());
+        let held = assigned(&kv, &keys, n);
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].0, wanted);
     }
 
     #[test]

@@ -205,7 +205,8 @@ pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
                     println!("{change}");
                     if range.contains(change.old) {
                         println!(
-                            "{} (the old gateway) lies in the range and is pooled now; take it                              out with host-range --remove if the old router still uses it",
+                            "{} (the old gateway) lies in the range and is pooled now; take it \
+                             out with host-range --remove if the old router still uses it",
                             change.old
                         );
                     }

@@ -379,8 +379,8 @@ pub fn change_hosts_gateway<K: Kv>(
     for key in [containers.pool(gateway), containers.assigned(gateway)] {
         if read_one(kv, &key)?.is_some() {
             let why = format!(
-                "is in the container pool ({key}): take it out first with release-ip and \
-                 ip-range --remove"
+                "is in the container pool ({key}): take it out first with ip-range --remove \
+                 (and release-ip --force first if a container holds it)"
             );
             return Err(ShrinkError::GatewayTaken { gateway, why });
         }
