@@ -51,6 +51,8 @@ pub enum AllocError {
     NotInPool { addr: Ipv4Addr, net: Ipv4Net },
     /// Other writers won every compare-and-swap until the attempts ran out.
     Contended { net: Ipv4Net, attempts: u32 },
+    /// The pool's config is gone (`--remove` took the pool away): it gives out nothing.
+    PoolRemoved { net: Ipv4Net },
     /// The record of `addr` changed under every release attempt until they ran out.
     ReleaseContended { addr: Ipv4Addr, attempts: u32 },
     /// The store failed.
@@ -76,6 +78,10 @@ impl fmt::Display for AllocError {
             AllocError::ReleaseContended { addr, attempts } => write!(
                 f,
                 "gave up releasing {addr} after its record changed under {attempts} attempts"
+            ),
+            AllocError::PoolRemoved { net } => write!(
+                f,
+                "the pool {net} is no longer defined in etcd (removed with --remove?)"
             ),
             AllocError::Store(e) => write!(f, "{e}"),
             AllocError::Unsettled { why, what } => write!(f, "{why}; {what}"),
@@ -446,6 +452,9 @@ impl<K: Kv> Allocator<K> {
                 self.remember(keys.assigned(addr), &value);
                 return Ok(addr);
             }
+            if pool_gone(&outcome, 2) {
+                return Err(AllocError::PoolRemoved { net });
+            }
             let mut free = addrs_of(keys, outcome.range(0));
             free.retain(|a| *a != addr);
             if free.is_empty() {
@@ -504,6 +513,9 @@ impl<K: Kv> Allocator<K> {
             self.remember(keys.assigned(addr), &value);
             return Ok(Taken::New);
         }
+        if pool_gone(&outcome, 1) {
+            return Err(AllocError::PoolRemoved { net });
+        }
         match outcome.range(0).first() {
             None => Err(AllocError::NotInPool { addr, net }),
             // An earlier, unanswered send of this transaction was applied.
@@ -551,6 +563,11 @@ impl<K: Kv> Allocator<K> {
             );
             self.answered(&keys.assigned(addr));
             return Ok(());
+        }
+        if pool_gone(&outcome, 1) {
+            return Err(AllocError::PoolRemoved {
+                net: Ipv4Net::from(addr),
+            });
         }
         match outcome
             .range(0)
@@ -850,11 +867,15 @@ impl<K: Kv> Allocator<K> {
     }
 }
 
-/// "If `addr` is free (in `pool/`, not in `assigned/`), move it to `assigned/` with `value`;
-/// otherwise run `failure`": the one transaction every taking goes through.
-fn take_txn(keys: &PoolKeys, addr: Ipv4Addr, value: &str, failure: Vec<Op>) -> Txn {
+/// "If the pool is defined and `addr` is free (in `pool/`, not in `assigned/`), move it to
+/// `assigned/` with `value`; otherwise run `failure`, then read the pool's config": the one
+/// transaction every taking goes through. Comparing the config means a pool being removed
+/// (`--remove` deletes its config first) gives out nothing, whatever a server remembers of it.
+fn take_txn(keys: &PoolKeys, addr: Ipv4Addr, value: &str, mut failure: Vec<Op>) -> Txn {
+    failure.push(Op::Range(Range::key(&keys.config).keys_only()));
     Txn {
         compares: vec![
+            Compare::Exists(keys.config.clone()),
             Compare::Exists(keys.pool(addr)),
             Compare::Absent(keys.assigned(addr)),
         ],
@@ -864,6 +885,11 @@ fn take_txn(keys: &PoolKeys, addr: Ipv4Addr, value: &str, failure: Vec<Op>) -> T
         ],
         failure,
     }
+}
+
+/// Whether a failed [`take_txn`] with `failure_ranges` ranges of its own found no config.
+fn pool_gone(outcome: &TxnOutcome, failure_ranges: usize) -> bool {
+    !outcome.succeeded && outcome.range(failure_ranges).is_empty()
 }
 
 /// The keys of `pool/` that share `addr`'s first three octets: at most 256 keys, so reading
@@ -898,6 +924,12 @@ mod tests {
     fn pool(n: Ipv4Net) -> (MemKv, PoolKeys) {
         let kv = MemKv::new();
         let keys = Layout::new("/t").containers(n.network());
+        let config = crate::pools::json(&crate::layout::ContainerConfig::new(n));
+        kv.txn(&Txn {
+            success: vec![Op::put(&keys.config, config)],
+            ..Txn::default()
+        })
+        .unwrap();
         for addr in n.hosts() {
             kv.txn(&Txn {
                 success: vec![Op::put(keys.pool(addr), "")],
@@ -932,7 +964,7 @@ mod tests {
         assert!(kv
             .dump()
             .iter()
-            .all(|(k, _)| k.starts_with(&keys.assigned_dir)));
+            .all(|(k, _)| k.starts_with(&keys.assigned_dir) || *k == keys.config));
     }
 
     #[test]
@@ -956,7 +988,7 @@ mod tests {
         let keys = Layout::new("/t").containers(n.network());
         let only = a("198.18.200.7");
         kv.txn(&Txn {
-            success: vec![Op::put(keys.pool(only), "")],
+            success: vec![Op::put(keys.pool(only), ""), Op::put(&keys.config, "{}")],
             ..Txn::default()
         })
         .unwrap();
@@ -1329,6 +1361,27 @@ mod tests {
         // Another container can have it now.
         let other = owner("02:42:00:00:00:02");
         assert_eq!(alloc.take(&keys, n, a("192.0.2.3"), &other), Ok(Taken::New));
+    }
+
+    #[test]
+    fn a_pool_whose_config_is_gone_gives_out_nothing() {
+        // `ip-range --remove` deletes the config first; a server that still knows the
+        // network must not take from what is left.
+        let n = net("192.0.2.0/28");
+        let (kv, keys) = pool(n);
+        let mut alloc = Allocator::new(&kv);
+        kv.txn(&Txn {
+            success: vec![Op::delete(&keys.config)],
+            ..Txn::default()
+        })
+        .unwrap();
+        let before = kv.dump();
+        let gone = AllocError::PoolRemoved { net: n };
+        let any = alloc.take_any(&keys, n, &owner("02:42:00:00:00:01"));
+        assert_eq!(any, Err(gone.clone()));
+        let who = owner("02:42:00:00:00:02");
+        assert_eq!(alloc.take(&keys, n, a("192.0.2.3"), &who), Err(gone));
+        assert_eq!(kv.dump(), before);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use ipnet::Ipv4Net;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::alloc::{Allocator, Released, Taken};
+use crate::alloc::{AllocError, Allocator, Released, Taken};
 use crate::kv::Kv;
 use crate::layout::{HostIdentity, Layout, Owner, Role};
 use crate::pools::{self, ContainerNetwork};
@@ -227,6 +227,14 @@ impl<K: Kv> Plugin<K> {
         Ok(net)
     }
 
+    /// A pool removed meanwhile is forgotten, so that the next RequestPool reads etcd again.
+    fn forget_if_gone(&mut self, net: Ipv4Net, e: AllocError) -> AllocError {
+        if let AllocError::PoolRemoved { .. } = e {
+            self.networks.remove(&net.network());
+        }
+        e
+    }
+
     fn pool_of(&mut self, pool_id: &str) -> Result<Ipv4Net, Refusal> {
         let id: Ipv4Addr = pool_id
             .parse()
@@ -302,7 +310,9 @@ impl<K: Kv> Plugin<K> {
             };
             let owner =
                 Owner::new(role, &self.host, "", &crate::host::now()).with_host_id(&self.host_id);
-            self.alloc.reserve(&keys, addr, &owner)?;
+            self.alloc
+                .reserve(&keys, addr, &owner)
+                .map_err(|e| self.forget_if_gone(net, e))?;
             return Ok(answer(addr));
         }
 
@@ -326,12 +336,16 @@ impl<K: Kv> Plugin<K> {
         .with_host_id(&self.host_id);
         let addr = match wanted {
             Some(addr) => {
-                if self.alloc.take(&keys, net, addr, &owner)? == Taken::AlreadyYours {
+                let taken = self.alloc.take(&keys, net, addr, &owner);
+                if taken.map_err(|e| self.forget_if_gone(net, e))? == Taken::AlreadyYours {
                     log::info!("{addr} is already held by this container: answering it again");
                 }
                 addr
             }
-            None => self.alloc.take_any(&keys, net, &owner)?,
+            None => self
+                .alloc
+                .take_any(&keys, net, &owner)
+                .map_err(|e| self.forget_if_gone(net, e))?,
         };
         log::info!("assigned {addr} to {}", owner.describe());
         Ok(answer(addr))

@@ -106,6 +106,8 @@ pub struct PoolKeys {
     pub pool_dir: String,
     /// `…/assigned/`, with the trailing slash.
     pub assigned_dir: String,
+    /// `…/config`: while it exists, the pool is defined.
+    pub config: String,
 }
 
 impl PoolKeys {
@@ -113,6 +115,7 @@ impl PoolKeys {
         PoolKeys {
             pool_dir: format!("{base}/pool/"),
             assigned_dir: format!("{base}/assigned/"),
+            config: format!("{base}/config"),
         }
     }
 

@@ -384,7 +384,7 @@ fn the_originals_command_lines_work() {
     ];
     let out = run(&containers, Some("verbose"));
     assert!(
-        stderr(&out).contains("ignoring DEBUG=\"verbose\" from the environment"),
+        stderr(&out).contains("ignoring DEBUG=\"verbose\" from DEBUG in the environment"),
         "{}",
         stderr(&out)
     );
