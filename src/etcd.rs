@@ -389,8 +389,9 @@ impl Client {
         }
         let message = error_message(&bytes);
         // 503: this member has no leader or is stopping; another member may serve. A write
-        // it was given may still be applied ("transport is closing" comes after the fact).
-        if status == 503 {
+        // it was given may still be applied ("transport is closing" comes after the fact), as
+        // with the gateway's 408 "the client connection is closing" while etcd stops.
+        if status == 503 || status == 408 {
             return Err(Attempt::Unanswered(format!("unavailable: {message}")));
         }
         if let Some(e) = self.refusal(endpoint, &message) {

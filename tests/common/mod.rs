@@ -1,7 +1,10 @@
 //! Test helpers: a real etcd on free loopback ports (also one with TLS, client certificates
 //! and auth, from a CA made with the openssl CLI), the binary under test, a client for the
-//! plugin's Unix socket that speaks like dockerd, and a reader of etcd through etcdctl.
+//! plugin's Unix socket that speaks like dockerd, and a reader of etcd through etcdctl; in
+//! `cluster`, an etcd cluster whose members a test can kill, pause and restart.
 #![allow(dead_code)]
+
+pub mod cluster;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
