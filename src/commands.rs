@@ -291,6 +291,7 @@ pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
         Command::Server { socket } => {
             let me = identity(global)?;
             let host = me.name.clone();
+            let stop = server::Stop::on_signals()?;
             let listener = server::listen(&socket)?;
             log::info!(
                 "oam-docker-ipam {} serving pools under {} for host {host}",
@@ -311,7 +312,7 @@ pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
             );
             let plugin = Plugin::new(etcd(), layout, host).with_host_id(&me.id);
             let mut plugin = Served(plugin);
-            let served = server::serve(listener, &mut plugin);
+            let served = server::serve(listener, stop, &mut plugin);
             plugin.0.leave();
             Ok(served?)
         }

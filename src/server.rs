@@ -267,6 +267,21 @@ struct Counts {
     unwritten: AtomicUsize,
 }
 
+/// Set by SIGTERM or SIGINT. Made before the socket is bound, so that a signal arriving as
+/// soon as the socket answers stops the server cleanly instead of killing it.
+pub struct Stop(Arc<AtomicBool>);
+
+impl Stop {
+    pub fn on_signals() -> Result<Stop, ServerError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(signal, Arc::clone(&stop))
+                .map_err(ServerError::Signals)?;
+        }
+        Ok(Stop(stop))
+    }
+}
+
 /// What answers the requests `serve` reads.
 pub trait Handler {
     /// The answer to a request for `path` with its body (or why the body could not be read).
@@ -283,11 +298,12 @@ pub trait Handler {
 /// One thread accepts; each connection gets a thread that reads its requests under
 /// [`REQUEST_TIMEOUT`] and writes the answers; `handler` runs on the calling thread only, one
 /// request at a time, and never waits on a client.
-pub fn serve(listener: Listener, handler: &mut impl Handler) -> Result<(), ServerError> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(ServerError::Signals)?;
-    }
+pub fn serve(
+    listener: Listener,
+    stop: Stop,
+    handler: &mut impl Handler,
+) -> Result<(), ServerError> {
+    let stop = stop.0;
     let (unix, _file) = match listener {
         Listener::Bound(listener, file) => (listener, Some(file)),
         Listener::Inherited(listener) => (listener, None),
