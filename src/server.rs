@@ -275,8 +275,7 @@ impl Stop {
     pub fn on_signals() -> Result<Stop, ServerError> {
         let stop = Arc::new(AtomicBool::new(false));
         for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-            signal_hook::flag::register(signal, Arc::clone(&stop))
-                .map_err(ServerError::Signals)?;
+            signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(ServerError::Signals)?;
         }
         Ok(Stop(stop))
     }

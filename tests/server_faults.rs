@@ -100,10 +100,12 @@ fn raises_the_soft_open_files_limit_to_the_hard_one() {
 fn a_listener_that_fails_makes_the_server_exit_non_zero_at_once() {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
-    // As systemd's socket, a socket that is not listening: accept fails with EINVAL.
-    let (not_listening, _peer) = UnixStream::pair().expect("pair");
-    let fd = not_listening.as_raw_fd();
+    // As systemd's socket, a listening socket that this test shuts down once the server
+    // serves it: the server's accept then fails with EINVAL.
     let dir = TempDir::new("badlistener");
+    let listening_at = dir.join("systemd.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&listening_at).expect("bind");
+    let fd = listener.as_raw_fd();
     let mut command = Command::new("sh");
     command
         .args([
@@ -137,6 +139,24 @@ fn a_listener_that_fails_makes_the_server_exit_non_zero_at_once() {
         });
     }
     let mut child = command.spawn().expect("start the server");
+    let serving = Instant::now();
+    loop {
+        let mut probe = UnixStream::connect(&listening_at).expect("connect");
+        probe
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        probe
+            .write_all(b"POST /Plugin.Activate HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+            .expect("send");
+        let mut first = [0u8; 12];
+        if probe.read_exact(&mut first).is_ok() && first.starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        assert!(serving.elapsed() < Duration::from_secs(10), "never served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: shutdown on a descriptor this test owns; it reaches the server's copy too.
+    assert_eq!(unsafe { libc::shutdown(fd, libc::SHUT_RDWR) }, 0);
     let started = Instant::now();
     let status = loop {
         if let Ok(Some(status)) = child.try_wait() {
