@@ -344,14 +344,12 @@ impl<K: Kv> Allocator<K> {
         addr: Ipv4Addr,
         mod_revision: i64,
     ) -> Result<bool, StoreError> {
-        let txn = Txn {
-            compares: vec![Compare::ModRevision(keys.assigned(addr), mod_revision)],
-            success: vec![
-                Op::delete(keys.assigned(addr)),
-                Op::put(keys.pool(addr), ""),
-            ],
-            failure: vec![Op::Range(Range::key(keys.assigned(addr)))],
-        };
+        let txn = move_back_txn(
+            keys,
+            addr,
+            Compare::ModRevision(keys.assigned(addr), mod_revision),
+            vec![Op::Range(Range::key(keys.assigned(addr)))],
+        );
         let outcome = self.kv.txn(&txn)?;
         // Not succeeded and gone: an earlier, unanswered try of this same move was applied.
         Ok(outcome.succeeded || outcome.range(0).is_empty())
@@ -606,17 +604,15 @@ impl<K: Kv> Allocator<K> {
             Owner::from_json(value).is_some_and(|o| o.role == Role::Container && host.is_holder(&o))
         });
         if let Some(value) = remembered {
-            let txn = Txn {
-                compares: vec![Compare::Value(keys.assigned(addr), value.clone())],
-                success: vec![
-                    Op::delete(keys.assigned(addr)),
-                    Op::put(keys.pool(addr), ""),
-                ],
-                failure: vec![
+            let txn = move_back_txn(
+                keys,
+                addr,
+                Compare::Value(keys.assigned(addr), value.clone()),
+                vec![
                     Op::Range(Range::key(keys.assigned(addr))),
                     Op::Range(Range::key(keys.pool(addr))),
                 ],
-            };
+            );
             match self.txn_resent(&txn, deadline) {
                 // Done, or an earlier unanswered send was applied (the record is gone, or was
                 // taken anew since: another value).
@@ -691,14 +687,12 @@ impl<K: Kv> Allocator<K> {
                     });
                 }
             }
-            let txn = Txn {
-                compares: vec![Compare::ModRevision(held.key.clone(), held.mod_revision)],
-                success: vec![
-                    Op::delete(keys.assigned(addr)),
-                    Op::put(keys.pool(addr), ""),
-                ],
-                failure: vec![],
-            };
+            let txn = move_back_txn(
+                keys,
+                addr,
+                Compare::ModRevision(held.key.clone(), held.mod_revision),
+                vec![],
+            );
             let mod_revision = held.mod_revision;
             read = Some(held);
             match self.txn_resent(&txn, deadline) {
@@ -818,14 +812,12 @@ impl<K: Kv> Allocator<K> {
                     holder: owner.describe(),
                 });
             }
-            let txn = Txn {
-                compares: vec![Compare::ModRevision(held.key.clone(), held.mod_revision)],
-                success: vec![
-                    Op::delete(keys.assigned(addr)),
-                    Op::put(keys.pool(addr), ""),
-                ],
-                failure: vec![],
-            };
+            let txn = move_back_txn(
+                keys,
+                addr,
+                Compare::ModRevision(held.key.clone(), held.mod_revision),
+                vec![],
+            );
             if self.kv.txn(&txn)?.succeeded {
                 return Ok(Released::Freed {
                     holder: describe_holder(&held.value),
@@ -882,6 +874,24 @@ fn take_txn(keys: &PoolKeys, addr: Ipv4Addr, value: &str, mut failure: Vec<Op>) 
         success: vec![
             Op::delete(keys.pool(addr)),
             Op::put(keys.assigned(addr), value),
+        ],
+        failure,
+    }
+}
+
+/// "If `guard` holds, move `addr` from `assigned/` back to `pool/`; otherwise run `failure`":
+/// every giving back goes through it.
+pub(crate) fn move_back_txn(
+    keys: &PoolKeys,
+    addr: Ipv4Addr,
+    guard: Compare,
+    failure: Vec<Op>,
+) -> Txn {
+    Txn {
+        compares: vec![guard],
+        success: vec![
+            Op::delete(keys.assigned(addr)),
+            Op::put(keys.pool(addr), ""),
         ],
         failure,
     }

@@ -11,9 +11,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use ipnet::Ipv4Net;
 use serde_json::Value;
 
-use crate::alloc::{AllocError, Allocator, Taken};
+use crate::alloc::{move_back_txn, AllocError, Allocator, Taken};
 use crate::inspect::Snapshot;
-use crate::kv::{Compare, KeyValue, Kv, Op, StoreError, Txn};
+use crate::kv::{Compare, KeyValue, Kv, StoreError};
 use crate::layout::{describe_holder, HostIdentity, HostMatch, Layout, Owner, Role};
 use crate::network::IPAM_DRIVER;
 
@@ -311,17 +311,8 @@ pub fn apply<K: Kv>(
     match finding {
         Finding::Leaked { addr, pool, record } => {
             let keys = layout.containers(*pool);
-            let txn = Txn {
-                compares: vec![Compare::ModRevision(
-                    record.key.clone(),
-                    record.mod_revision,
-                )],
-                success: vec![
-                    Op::delete(keys.assigned(*addr)),
-                    Op::put(keys.pool(*addr), ""),
-                ],
-                failure: vec![],
-            };
+            let guard = Compare::ModRevision(record.key.clone(), record.mod_revision);
+            let txn = move_back_txn(&keys, *addr, guard, vec![]);
             Ok(if alloc.kv().txn(&txn)?.succeeded {
                 log::info!("reconcile: freed leaked {addr} in pool {pool}");
                 Outcome::Fixed(format!("freed {addr}"))
@@ -423,6 +414,7 @@ pub fn since_secs(text: &str) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::kv::memory::MemKv;
+    use crate::kv::{Op, Txn};
     use crate::layout::Owner;
 
     const INSPECT: &str = r#"[
