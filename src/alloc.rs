@@ -283,7 +283,7 @@ impl<K: Kv> Allocator<K> {
             Unsettled::Take { keys, addr, value } => {
                 // Sending the same taking again settles whether the first one was applied: it
                 // cannot be applied after this is answered.
-                let txn = take_txn(keys, *addr, value, vec![]);
+                let txn = take_txn(keys, *addr, value);
                 let txn = Txn {
                     success: [
                         txn.success,
@@ -425,35 +425,16 @@ impl<K: Kv> Allocator<K> {
             }
             let addr = self.candidate(keys, net);
             let (window_start, window_end) = window(keys, addr);
-            let txn = take_txn(
-                keys,
-                addr,
-                &value,
-                vec![
-                    Op::Range(
-                        Range::between(&window_start, &window_end)
-                            .limit(WINDOW_LIMIT)
-                            .keys_only(),
-                    ),
-                    Op::Range(Range::key(keys.assigned(addr))),
-                ],
-            );
-            let outcome = match self.txn_answered(&txn, deadline) {
-                Ok(outcome) => outcome,
-                Err(e @ StoreError::OutcomeUnknown(_)) => {
-                    return Err(self.unsettled_take(e, keys, addr, &value))
-                }
-                Err(e) => return Err(e.into()),
-            };
-            // Succeeded, or an earlier, unanswered send of this transaction was.
-            if outcome.succeeded || outcome.range(1).first().is_some_and(|kv| kv.value == value) {
-                self.remember(keys.assigned(addr), &value);
+            let nearby = Range::between(&window_start, &window_end)
+                .limit(WINDOW_LIMIT)
+                .keys_only();
+            let Some(miss) = self.try_take(keys, addr, &value, Some(nearby), deadline)? else {
                 return Ok(addr);
-            }
-            if pool_gone(&outcome, 2) {
+            };
+            if miss.pool_gone() {
                 return Err(AllocError::PoolRemoved { net });
             }
-            let mut free = addrs_of(keys, outcome.range(0));
+            let mut free = addrs_of(keys, miss.nearby());
             free.retain(|a| *a != addr);
             if free.is_empty() {
                 free = self.scan_pool(keys, &window_start, &window_end)?;
@@ -462,6 +443,89 @@ impl<K: Kv> Allocator<K> {
                 }
             }
             self.candidates.insert(keys.pool_dir.clone(), free);
+        }
+        Err(AllocError::Contended {
+            net,
+            attempts: MAX_ATTEMPTS,
+        })
+    }
+
+    /// Sends the taking of `addr` for `value`: `None` once it is taken (by this send or by an
+    /// earlier, unanswered one), or what stopped it, read after the miss together with
+    /// `nearby`. Reading in the transaction's failure branch instead would save a request per
+    /// miss but cost every taking: etcd handles the bigger transaction more slowly even when
+    /// its failure branch does not run (about 10% of its time, `cargo bench`), and misses are
+    /// rare while the pool has room.
+    fn try_take(
+        &mut self,
+        keys: &PoolKeys,
+        addr: Ipv4Addr,
+        value: &str,
+        nearby: Option<Range>,
+        deadline: Instant,
+    ) -> Result<Option<Miss>, AllocError> {
+        let txn = take_txn(keys, addr, value);
+        let resent = match self.txn_resent(&txn, deadline) {
+            Ok((outcome, _)) if outcome.succeeded => {
+                self.remember(keys.assigned(addr), value);
+                return Ok(None);
+            }
+            Ok((_, resent)) => resent,
+            Err(e @ StoreError::OutcomeUnknown(_)) => {
+                return Err(self.unsettled_take(e, keys, addr, value))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let has_nearby = nearby.is_some();
+        let read = Txn {
+            success: [
+                vec![
+                    Op::Range(Range::key(keys.assigned(addr))),
+                    Op::Range(Range::key(keys.pool(addr)).keys_only()),
+                    Op::Range(Range::key(&keys.config).keys_only()),
+                ],
+                nearby.into_iter().map(Op::Range).collect(),
+            ]
+            .concat(),
+            ..Txn::default()
+        };
+        let found = match self.txn_answered(&read, deadline) {
+            Ok(found) => found,
+            // An earlier send of the taking may have been applied: only a read tells.
+            Err(e) if resent => return Err(self.unsettled_take(e, keys, addr, value)),
+            Err(e) => return Err(e.into()),
+        };
+        let miss = Miss { found, has_nearby };
+        if miss.held().is_some_and(|kv| kv.value == value) {
+            self.remember(keys.assigned(addr), value);
+            return Ok(None);
+        }
+        Ok(Some(miss))
+    }
+
+    /// Takes exactly `addr` for `value`, or says what holds it or that the pool lacks it. A
+    /// miss that finds the address free again (released meanwhile) is tried again.
+    fn take_exact(
+        &mut self,
+        keys: &PoolKeys,
+        net: Ipv4Net,
+        addr: Ipv4Addr,
+        value: &str,
+    ) -> Result<Exact, AllocError> {
+        let deadline = Instant::now() + self.time_limit;
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(miss) = self.try_take(keys, addr, value, None, deadline)? else {
+                return Ok(Exact::Taken);
+            };
+            if miss.pool_gone() {
+                return Err(AllocError::PoolRemoved { net });
+            }
+            match miss.held() {
+                Some(held) => return Ok(Exact::Held(held.clone())),
+                None if !miss.free() => return Ok(Exact::NotInPool),
+                None if Instant::now() > deadline => break,
+                None => {}
+            }
         }
         Err(AllocError::Contended {
             net,
@@ -497,34 +561,12 @@ impl<K: Kv> Allocator<K> {
         addr: Ipv4Addr,
         owner: &Owner,
     ) -> Result<Taken, AllocError> {
-        let held = vec![Op::Range(Range::key(keys.assigned(addr)))];
-        let value = owner.to_json();
-        let txn = take_txn(keys, addr, &value, held);
-        let outcome = match self.txn_answered(&txn, Instant::now() + self.time_limit) {
-            Ok(outcome) => outcome,
-            Err(e @ StoreError::OutcomeUnknown(_)) => {
-                return Err(self.unsettled_take(e, keys, addr, &value))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if outcome.succeeded {
-            self.remember(keys.assigned(addr), &value);
-            return Ok(Taken::New);
-        }
-        if pool_gone(&outcome, 1) {
-            return Err(AllocError::PoolRemoved { net });
-        }
-        match outcome.range(0).first() {
-            None => Err(AllocError::NotInPool { addr, net }),
-            // An earlier, unanswered send of this transaction was applied.
-            Some(held) if held.value == value => {
-                self.remember(keys.assigned(addr), &value);
-                Ok(Taken::New)
-            }
-            Some(held) => match Owner::from_json(&held.value) {
+        match self.take_exact(keys, net, addr, &owner.to_json())? {
+            Exact::Taken => Ok(Taken::New),
+            Exact::NotInPool => Err(AllocError::NotInPool { addr, net }),
+            Exact::Held(held) => match Owner::from_json(&held.value) {
                 Some(h) if h.role == owner.role && h.host == owner.host && h.mac == owner.mac => {
-                    let held = held.value.clone();
-                    self.remember(keys.assigned(addr), &held);
+                    self.remember(keys.assigned(addr), &held.value);
                     Ok(Taken::AlreadyYours)
                 }
                 _ => Err(AllocError::InUse {
@@ -544,43 +586,27 @@ impl<K: Kv> Allocator<K> {
         addr: Ipv4Addr,
         owner: &Owner,
     ) -> Result<(), AllocError> {
-        let held = vec![Op::Range(Range::key(keys.assigned(addr)))];
-        let value = owner.to_json();
-        let txn = take_txn(keys, addr, &value, held);
-        let outcome = match self.txn_answered(&txn, Instant::now() + self.time_limit) {
-            Ok(outcome) => outcome,
-            Err(e @ StoreError::OutcomeUnknown(_)) => {
-                return Err(self.unsettled_take(e, keys, addr, &value))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if outcome.succeeded || outcome.range(0).first().is_some_and(|kv| kv.value == value) {
-            log::info!(
+        let net = Ipv4Net::from(addr);
+        match self.take_exact(keys, net, addr, &owner.to_json())? {
+            Exact::Taken => log::info!(
                 "reserved {addr} for {} (taken out of the pool)",
                 owner.role.as_str()
-            );
-            self.answered(&keys.assigned(addr));
-            return Ok(());
-        }
-        if pool_gone(&outcome, 1) {
-            return Err(AllocError::PoolRemoved {
-                net: Ipv4Net::from(addr),
-            });
-        }
-        match outcome
-            .range(0)
-            .first()
-            .map(|kv| Owner::from_json(&kv.value))
-        {
-            Some(Some(holder)) if holder.role == Role::Container => Err(AllocError::InUse {
-                addr,
-                holder: holder.describe(),
-            }),
-            _ => {
-                self.answered(&keys.assigned(addr));
-                Ok(())
+            ),
+            Exact::Held(held) => {
+                if let Some(holder) = Owner::from_json(&held.value) {
+                    if holder.role == Role::Container {
+                        return Err(AllocError::InUse {
+                            addr,
+                            holder: holder.describe(),
+                        });
+                    }
+                }
             }
+            Exact::NotInPool => {}
         }
+        // Whatever holds it, this allocator's record of its own is no longer current.
+        self.answered(&keys.assigned(addr));
+        Ok(())
     }
 
     /// Gives back an address a container on `host` held, or a gateway `host` reserved
@@ -860,11 +886,10 @@ impl<K: Kv> Allocator<K> {
 }
 
 /// "If the pool is defined and `addr` is free (in `pool/`, not in `assigned/`), move it to
-/// `assigned/` with `value`; otherwise run `failure`, then read the pool's config": the one
-/// transaction every taking goes through. Comparing the config means a pool being removed
-/// (`--remove` deletes its config first) gives out nothing, whatever a server remembers of it.
-fn take_txn(keys: &PoolKeys, addr: Ipv4Addr, value: &str, mut failure: Vec<Op>) -> Txn {
-    failure.push(Op::Range(Range::key(&keys.config).keys_only()));
+/// `assigned/` with `value`": the one transaction every taking goes through. Comparing the
+/// config means a pool being removed (`--remove` deletes its config first) gives out nothing,
+/// whatever a server remembers of it.
+fn take_txn(keys: &PoolKeys, addr: Ipv4Addr, value: &str) -> Txn {
     Txn {
         compares: vec![
             Compare::Exists(keys.config.clone()),
@@ -875,7 +900,7 @@ fn take_txn(keys: &PoolKeys, addr: Ipv4Addr, value: &str, mut failure: Vec<Op>) 
             Op::delete(keys.pool(addr)),
             Op::put(keys.assigned(addr), value),
         ],
-        failure,
+        failure: vec![],
     }
 }
 
@@ -897,9 +922,43 @@ pub(crate) fn move_back_txn(
     }
 }
 
-/// Whether a failed [`take_txn`] with `failure_ranges` ranges of its own found no config.
-fn pool_gone(outcome: &TxnOutcome, failure_ranges: usize) -> bool {
-    !outcome.succeeded && outcome.range(failure_ranges).is_empty()
+/// What a taking that missed found, read after it.
+struct Miss {
+    found: TxnOutcome,
+    has_nearby: bool,
+}
+
+impl Miss {
+    /// The record of the address in `assigned/`, if any.
+    fn held(&self) -> Option<&KeyValue> {
+        self.found.range(0).first()
+    }
+
+    /// Whether the address is in `pool/` (free) now.
+    fn free(&self) -> bool {
+        !self.found.range(1).is_empty()
+    }
+
+    /// Whether the pool's config is gone.
+    fn pool_gone(&self) -> bool {
+        self.found.range(2).is_empty()
+    }
+
+    /// The free keys read near the address, when asked for.
+    fn nearby(&self) -> &[KeyValue] {
+        if self.has_nearby {
+            self.found.range(3)
+        } else {
+            &[]
+        }
+    }
+}
+
+/// How a taking of one given address ended.
+enum Exact {
+    Taken,
+    Held(KeyValue),
+    NotInPool,
 }
 
 /// The keys of `pool/` that share `addr`'s first three octets: at most 256 keys, so reading
@@ -978,17 +1037,25 @@ mod tests {
     }
 
     #[test]
-    fn a_random_allocation_in_a_full_slash_16_costs_one_or_two_transactions() {
+    fn a_random_allocation_in_a_roomy_slash_16_costs_one_transaction() {
         let n = net("198.18.0.0/16");
         let (kv, keys) = pool(n);
         let mut alloc = Allocator::new(&kv);
+        let start = kv.calls.get();
         for i in 0..50 {
             let before = kv.calls.get();
             alloc
                 .take_any(&keys, n, &owner(&format!("02:42:00:00:01:{i:02x}")))
                 .unwrap();
-            assert!(kv.calls.get() - before <= 2);
+            // A miss costs the read after it and the next try.
+            assert!(kv.calls.get() - before <= 3);
         }
+        // A guess hits a taken address 2% of the time here: a few misses at most.
+        assert!(
+            kv.calls.get() - start <= 50 + 2 * 4,
+            "{}",
+            kv.calls.get() - start
+        );
     }
 
     #[test]
