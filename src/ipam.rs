@@ -294,7 +294,9 @@ impl<K: Kv> Plugin<K> {
             .get(MAC_OPTION)
             .map(String::as_str)
             .unwrap_or_default();
-        log::info!(
+        // The outcome gets the info line: one line per allocation, as the log is written on
+        // the request's path.
+        log::debug!(
             "RequestAddress {} in pool {} for a {} (mac {mac:?})",
             wanted.map_or("(any)".to_string(), |a| a.to_string()),
             request.pool_id,
@@ -352,7 +354,7 @@ impl<K: Kv> Plugin<K> {
     }
 
     fn release_address(&mut self, request: ReleaseAddress) -> Result<Value, Refusal> {
-        log::info!("ReleaseAddress {} in {}", request.address, request.pool_id);
+        log::debug!("ReleaseAddress {} in {}", request.address, request.pool_id);
         let net = self.pool_of(&request.pool_id)?;
         let bare = request.address.split('/').next().unwrap_or_default();
         let addr: Ipv4Addr = bare
