@@ -1,52 +1,308 @@
 //! Allocation benchmark: `cargo bench --bench allocation`. Starts its own etcd on loopback,
-//! defines a /24 and a /16 pool in the benchmarking range 198.18.0.0/15, and prints, side by
-//! side: the raw etcd txn latency (the floor), RequestAddress and ReleaseAddress latency through
-//! the plugin's socket and their ratio to the floor, what reading the whole pool costs (what
-//! the original did per allocation), allocations per second with 1 and 8 clients, and etcd
-//! requests per allocation (counted by etcd itself, from its /metrics). Then the same floor and
-//! RequestAddress on a /24 against a second etcd that requires TLS, client certificates and
-//! auth (a CA made with the openssl CLI).
+//! defines a /24 and a /16 pool in the benchmarking range 198.18.0.0/15, and prints one table:
+//! each goal of issue 13 next to what this run measured and, where the goal is a ratio, the
+//! baseline it is a ratio of, measured in the same run straight against etcd:
+//!
+//! - RequestAddress and ReleaseAddress through the plugin's socket, p50 and p99, against a bare
+//!   compare-and-swap transaction on a kept-alive connection of the same client;
+//! - etcd requests per release (and per allocation), counted by etcd itself from its /metrics;
+//! - 8 plugin processes with one client each on the /16 against 8 threads each sending bare
+//!   transactions on a connection of its own, and whether any address was handed out twice
+//!   or is not recorded in etcd for the container it went to;
+//! - `ip-range` of a /16 against bulk puts of the same keys, 128 to a transaction (one before
+//!   it, one after); its re-run;
+//! - the plugin's resident memory after 10,000 allocations; start to socket-ready;
+//! - RequestAddress and ReleaseAddress on a /24 in a second etcd that requires TLS, client
+//!   certificates and auth, against bare transactions on that etcd (no goal: what it costs).
+//!
+//! Between the plugin and the bare transaction sits a third column: the plugin's own
+//! allocator, in this process on an etcd connection of its own (the same transactions, without
+//! the socket, the HTTP and JSON of Docker's protocol, and the log lines). Plugin, allocator
+//! and bare transaction take turns call by call (or round by round), so that all three see the
+//! same shared, noisy machine. It only prints: nothing here fails on a figure.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{cli, ok, unique_prefix, Etcd, Pki, PluginClient, Server, TempDir, BIN};
+use common::{cli, ok, unique_prefix, Etcd, Pki, TempDir, BIN};
+use oam_docker_ipam::alloc::{self, Allocator, Released};
 use oam_docker_ipam::auth::{Credentials, Secret};
 use oam_docker_ipam::etcd::{Client, Security};
-use oam_docker_ipam::kv::{Compare, Op, Range, Txn};
+use oam_docker_ipam::host;
+use oam_docker_ipam::kv::{Compare, Op, Range, Txn, MAX_TXN_OPS};
+use oam_docker_ipam::layout::{ContainerConfig, Layout, Owner, PoolKeys, Role};
 use oam_docker_ipam::tls::{self, TlsFiles};
-use std::process::Command;
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-/// Allocations timed one by one per pool; fewer than the /24 holds, so none fails.
-const SAMPLES: usize = 200;
-/// Raw txns timed for the floor.
-const FLOOR_SAMPLES: usize = 400;
+/// Latency: rounds of this many allocations, then their releases (with the allocator's, fewer
+/// than a /24 holds).
+const PER_ROUND: usize = 100;
+const ROUNDS: usize = 5;
+/// Calls of each kind sent and thrown away before timing (first connections, caches).
+const WARM_UP: usize = 10;
+/// Throughput: processes (and clients), allocations per client per round, rounds.
+const PROCESSES: usize = 8;
+const PER_CLIENT: usize = 50;
+const RATE_ROUNDS: usize = 6;
+/// Allocations before the plugin's resident memory is read, and the connections sending them.
+const RSS_ALLOCATIONS: usize = 10_000;
+const RSS_CLIENTS: usize = 4;
+/// Server starts timed; the median is shown.
+const STARTS: usize = 11;
+/// Reads of the whole /16 timed (what the original did per allocation); the median is shown.
+const WHOLE_READS: usize = 5;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// The host name the in-process allocator records.
+const HOST: &str = "bench";
 
 struct Pool {
     label: &'static str,
     first: &'static str,
     last: &'static str,
-    id: &'static str,
+    net: ipnet::Ipv4Net,
 }
 
-#[derive(Default)]
-struct Column {
-    floor: (f64, f64),
-    whole_pool_read: (f64, f64),
-    request: (f64, f64),
-    release: (f64, f64),
-    rate_1: f64,
-    rate_8: f64,
-    requests_per_alloc: f64,
-    requests_per_release: f64,
+impl Pool {
+    /// Every address `ip-range` pools: all but the network and broadcast addresses.
+    fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
+        self.net.hosts()
+    }
 }
 
+fn slash_24() -> Pool {
+    Pool {
+        label: "/24",
+        first: "198.19.7.0/24",
+        last: "198.19.7.255/24",
+        net: "198.19.7.0/24".parse().expect("net"),
+    }
+}
+
+fn slash_16() -> Pool {
+    Pool {
+        label: "/16",
+        first: "198.18.0.0/16",
+        last: "198.18.255.255/16",
+        net: "198.18.0.0/16".parse().expect("net"),
+    }
+}
+
+/// A `server` process with its log in a file (a pipe nobody reads would fill up and stop
+/// it), stopped with SIGTERM by its PID on drop.
+struct Plugin {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Plugin {
+    fn spawn(url: &str, prefix: &str, socket: &Path) -> Plugin {
+        Plugin::spawn_with(url, prefix, socket, &[])
+    }
+
+    /// As [`Plugin::spawn`], with `flags` (TLS, auth) before the command.
+    fn spawn_with(url: &str, prefix: &str, socket: &Path, flags: &[String]) -> Plugin {
+        let log = std::fs::File::create(socket.with_extension("log")).expect("log file");
+        let child = Command::new(BIN)
+            .args(common::store_args(url, prefix))
+            .args(flags)
+            .args(["server", "--socket"])
+            .arg(socket)
+            .env_remove("CLUSTER_STORE")
+            .env_remove("DEBUG")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the server");
+        Plugin {
+            child,
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    /// Starts a server and waits until its socket takes connections.
+    fn start(url: &str, prefix: &str, socket: &Path) -> Plugin {
+        let plugin = Plugin::spawn(url, prefix, socket);
+        plugin.wait_ready(Duration::from_millis(1));
+        plugin
+    }
+
+    fn wait_ready(&self, pause: Duration) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&self.socket).is_err() {
+            assert!(Instant::now() < deadline, "the server did not start");
+            std::thread::sleep(pause);
+        }
+    }
+
+    /// A client that has asked for `pool` as dockerd does before any address.
+    fn client(&self, pool: &Pool) -> DockerClient {
+        let mut c = DockerClient::connect(&self.socket);
+        let body = format!(r#"{{"Pool":"{}"}}"#, pool.net);
+        let r = c.call("/IpamDriver.RequestPool", &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        c
+    }
+
+    /// `VmRSS` from /proc, in KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the server's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        // SAFETY: kill only sends a signal, to the server this struct started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A keep-alive connection to the plugin that sends each request as dockerd's Go client does:
+/// head and body in one write (tests/common's client writes them apart, which can cost the
+/// server a second wake-up per request).
+struct DockerClient {
+    reader: BufReader<UnixStream>,
+}
+
+struct Answer {
+    status: u16,
+    body: String,
+}
+
+impl DockerClient {
+    fn connect(socket: &Path) -> DockerClient {
+        let stream = UnixStream::connect(socket).expect("connect to the plugin");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        DockerClient {
+            reader: BufReader::new(stream),
+        }
+    }
+
+    fn call(&mut self, path: &str, body: &str) -> Answer {
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: \r\nUser-Agent: Go-http-client/1.1\r\n\
+             Content-Length: {}\r\nAccept: application/vnd.docker.plugins.v1.2+json\r\n\
+             Accept-Encoding: gzip\r\n\r\n{body}",
+            body.len()
+        );
+        self.reader
+            .get_mut()
+            .write_all(request.as_bytes())
+            .expect("send the request");
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("status line");
+        let status = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {line:?}"));
+        let mut length = 0;
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line).expect("header");
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().expect("length");
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body).expect("body");
+        Answer {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+}
+
+/// A fresh MAC for each container the benchmark asks an address for.
+fn next_mac() -> String {
+    static N: AtomicUsize = AtomicUsize::new(1);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "02:42:00:{:02x}:{:02x}:{:02x}",
+        (n >> 16) & 0xff,
+        (n >> 8) & 0xff,
+        n & 0xff
+    )
+}
+
+/// Asks for a random address for a new container; the address and the container's MAC.
+fn request_address(c: &mut DockerClient, pool: &Pool) -> (String, String) {
+    let mac = next_mac();
+    let body = format!(
+        r#"{{"PoolID":"{}","Address":"","Options":{{"com.docker.network.endpoint.macaddress":"{mac}"}}}}"#,
+        pool.net.network()
+    );
+    let r = c.call("/IpamDriver.RequestAddress", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+    let a = v["Address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no address: {}", r.body));
+    (a.split('/').next().unwrap_or_default().to_string(), mac)
+}
+
+fn release_address(c: &mut DockerClient, pool: &Pool, addr: &str) {
+    let body = format!(
+        r#"{{"PoolID":"{}","Address":"{addr}"}}"#,
+        pool.net.network()
+    );
+    let r = c.call("/IpamDriver.ReleaseAddress", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+fn timed<T>(f: impl FnOnce() -> T) -> (Duration, T) {
+    let t = Instant::now();
+    let out = f();
+    (t.elapsed(), out)
+}
+
+/// p50 and p99 in ms.
 fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
     samples.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let at = |q: f64| ms(samples[((samples.len() - 1) as f64 * q).round() as usize]);
     (at(0.50), at(0.99))
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 /// Range and Txn calls etcd has served so far.
@@ -61,169 +317,498 @@ fn etcd_requests(url: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
-fn request(pool: &str, mac: usize) -> String {
-    format!(
-        r#"{{"PoolID":"{pool}","Address":"","Options":{{"com.docker.network.endpoint.macaddress":"02:42:00:{:02x}:{:02x}:{:02x}"}}}}"#,
-        (mac >> 16) & 0xff,
-        (mac >> 8) & 0xff,
-        mac & 0xff
-    )
+/// Bare transactions on a kept-alive connection, on keys of their own: a one-key
+/// compare-and-swap, and (where a pool was bulk-put for them) the very transactions the
+/// allocator sends to take and give back an address, with an owner value of the same size.
+/// What an allocation cannot be cheaper than.
+struct Bare {
+    client: Client,
+    key: String,
+    n: usize,
+    moves: Option<Moves>,
 }
 
-fn address_of(body: &str) -> String {
-    let v: serde_json::Value = serde_json::from_str(body).expect("json");
-    let a = v["Address"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no address: {body}"));
-    a.split('/').next().unwrap_or_default().to_string()
+/// Addresses of a pool of the bare transactions' own: free ones to take, taken ones (with
+/// their values) to give back.
+struct Moves {
+    keys: PoolKeys,
+    free: Vec<Ipv4Addr>,
+    held: Vec<(Ipv4Addr, String)>,
 }
 
-fn measure(etcd: &Etcd, pool: &Pool, dir: &TempDir) -> Column {
-    let prefix = unique_prefix("bench");
-    ok(cli(
-        &etcd.url,
-        &prefix,
-        &["ip-range", "--ip-start", pool.first, "--ip-end", pool.last],
-    ));
-    let mut col = Column::default();
-
-    // The floor: one compare-and-swap txn straight to etcd on a kept-alive connection.
-    let client = Client::new(vec![etcd.url.clone()], Duration::from_secs(5));
-    let key = format!("{prefix}/floor");
-    client
-        .txn(&Txn {
-            success: vec![Op::put(&key, "0")],
-            ..Txn::default()
-        })
-        .expect("txn");
-    let floor: Vec<Duration> = (0..FLOOR_SAMPLES)
-        .map(|i| {
-            let txn = Txn {
-                compares: vec![Compare::Exists(key.clone())],
-                success: vec![Op::put(&key, i.to_string())],
-                failure: vec![],
-            };
-            let t = Instant::now();
-            client.txn(&txn).expect("txn");
-            t.elapsed()
-        })
-        .collect();
-    col.floor = percentiles(floor);
-
-    let pool_dir = format!("{prefix}/containers/{}/pool/", pool.id);
-    let reads: Vec<Duration> = (0..20)
-        .map(|_| {
-            let t = Instant::now();
-            client
-                .range(&Range::prefix(pool_dir.as_str()).keys_only())
-                .expect("range");
-            t.elapsed()
-        })
-        .collect();
-    col.whole_pool_read = percentiles(reads);
-
-    // Latency through the socket, one client.
-    let sock = dir.join(&format!("{}.sock", pool.id));
-    let server = Server::start(&etcd.url, &prefix, &sock);
-    let mut c = PluginClient::connect(&sock);
-    let pool_request = format!(
-        r#"{{"Pool":"{}/{}"}}"#,
-        pool.id,
-        pool.label.trim_start_matches('/')
-    );
-    assert_eq!(c.call("/IpamDriver.RequestPool", &pool_request).status, 200);
-    let before = etcd_requests(&etcd.url);
-    let mut taken = Vec::new();
-    let mut lat = Vec::new();
-    for i in 0..SAMPLES {
-        let t = Instant::now();
-        let r = c.call("/IpamDriver.RequestAddress", &request(pool.id, i));
-        lat.push(t.elapsed());
-        assert_eq!(r.status, 200, "{}", r.body);
-        taken.push(address_of(&r.body));
+impl Bare {
+    fn new(url: &str, key: String) -> Bare {
+        Bare::on(Client::new(vec![url.to_string()], TIMEOUT), key)
     }
-    let after_alloc = etcd_requests(&etcd.url);
-    col.request = percentiles(lat);
-    col.requests_per_alloc = (after_alloc - before) as f64 / SAMPLES as f64;
-    let mut lat = Vec::new();
-    for addr in &taken {
-        let body = format!(r#"{{"PoolID":"{}","Address":"{addr}"}}"#, pool.id);
-        let t = Instant::now();
-        assert_eq!(c.call("/IpamDriver.ReleaseAddress", &body).status, 200);
-        lat.push(t.elapsed());
-    }
-    col.requests_per_release = (etcd_requests(&etcd.url) - after_alloc) as f64 / SAMPLES as f64;
-    col.release = percentiles(lat);
-    drop(server);
 
-    // Throughput: 1 client on one server, then 8 clients on 4 servers (4 hosts).
-    col.rate_1 = throughput(etcd, &prefix, pool, dir, 1, 1);
-    col.rate_8 = throughput(etcd, &prefix, pool, dir, 4, 8);
-    col
+    fn on(client: Client, key: String) -> Bare {
+        client
+            .txn(&Txn {
+                success: vec![Op::put(&key, "0")],
+                ..Txn::default()
+            })
+            .expect("put");
+        Bare {
+            client,
+            key,
+            n: 0,
+            moves: None,
+        }
+    }
+
+    /// Also moving the addresses `free` of the pool `keys`.
+    fn moving(mut self, keys: PoolKeys, free: Vec<Ipv4Addr>) -> Bare {
+        self.moves = Some(Moves {
+            keys,
+            free,
+            held: Vec::new(),
+        });
+        self
+    }
+
+    /// The one-key compare-and-swap.
+    fn txn(&mut self) {
+        self.n += 1;
+        let txn = Txn {
+            compares: vec![Compare::Exists(self.key.clone())],
+            success: vec![Op::put(&self.key, self.n.to_string())],
+            failure: vec![],
+        };
+        assert!(self.client.txn(&txn).expect("txn").succeeded);
+    }
+
+    /// The allocator's taking of an address.
+    fn take(&mut self) {
+        let moves = self.moves.as_mut().expect("a pool to move in");
+        let addr = moves.free.pop().expect("a free address left");
+        let value = Owner::new(Role::Container, HOST, &next_mac(), &host::now()).to_json();
+        let txn = alloc::take_txn(&moves.keys, addr, &value);
+        assert!(self.client.txn(&txn).expect("take").succeeded);
+        moves.held.push((addr, value));
+    }
+
+    /// The allocator's one-request giving back of an address it took.
+    fn release(&mut self) {
+        let moves = self.moves.as_mut().expect("a pool to move in");
+        let (addr, value) = moves.held.pop().expect("a taken address");
+        let guard = Compare::Value(moves.keys.assigned(addr), value);
+        let txn = alloc::move_back_txn(&moves.keys, addr, guard, vec![]);
+        assert!(self.client.txn(&txn).expect("release").succeeded);
+        moves.free.push(addr);
+    }
 }
 
-/// Allocations per second with `clients` clients spread over `servers` plugin processes; the
-/// addresses are released again afterwards (not timed).
-fn throughput(
+/// The plugin's allocator in this process, on an etcd connection of its own, taking from the
+/// pool whose keys are `keys`.
+struct InProcess {
+    alloc: Allocator<Client>,
+    keys: PoolKeys,
+    net: ipnet::Ipv4Net,
+}
+
+impl InProcess {
+    fn new(url: &str, prefix: &str, pool: &Pool) -> InProcess {
+        InProcess {
+            alloc: Allocator::new(Client::new(vec![url.to_string()], TIMEOUT)),
+            keys: Layout::new(prefix).containers(pool.net.network()),
+            net: pool.net,
+        }
+    }
+
+    fn take(&mut self) -> Ipv4Addr {
+        let owner = Owner::new(Role::Container, HOST, &next_mac(), &host::now());
+        self.alloc
+            .take_any(&self.keys, self.net, &owner)
+            .expect("take_any")
+    }
+
+    fn release(&mut self, addr: Ipv4Addr) {
+        let released = self.alloc.release_container(&self.keys, addr, HOST);
+        assert!(
+            matches!(released, Ok(Released::Freed { .. })),
+            "{released:?}"
+        );
+    }
+}
+
+/// A slice of the pool the bare transactions move addresses in.
+struct Same {
+    keys: PoolKeys,
+    free: Vec<Ipv4Addr>,
+}
+
+/// `n` slices of `count` addresses each, from the `pool` bulk-put under `prefix`.
+fn same_slices(prefix: &str, pool: &Pool, n: usize, count: usize) -> Vec<Same> {
+    let keys = Layout::new(prefix).containers(pool.net.network());
+    let all: Vec<Ipv4Addr> = pool.hosts().collect();
+    all.chunks(count)
+        .take(n)
+        .map(|free| Same {
+            keys: keys.clone(),
+            free: free.to_vec(),
+        })
+        .collect()
+}
+
+/// Latencies of one kind of call: through the plugin, the allocator in-process, the same
+/// transaction bare, a one-key compare-and-swap.
+#[derive(Default)]
+struct Timings {
+    plugin: Vec<Duration>,
+    in_process: Vec<Duration>,
+    same: Vec<Duration>,
+    cas: Vec<Duration>,
+}
+
+impl Timings {
+    /// Times the four, in an order that turns with `i`.
+    fn time(
+        &mut self,
+        i: usize,
+        mut plugin: impl FnMut(),
+        mut in_process: impl FnMut(),
+        mut same: impl FnMut(&mut Bare),
+        bare: &mut Bare,
+    ) {
+        for k in 0..4 {
+            match (i + k) % 4 {
+                0 => self.plugin.push(timed(&mut plugin).0),
+                1 => self.in_process.push(timed(&mut in_process).0),
+                2 => self.same.push(timed(|| same(bare)).0),
+                _ => self.cas.push(timed(|| bare.txn()).0),
+            }
+        }
+    }
+}
+
+struct Latency {
+    request: Timings,
+    release: Timings,
+    requests_per_alloc: f64,
+    requests_per_release: f64,
+}
+
+/// RequestAddress and ReleaseAddress through the plugin on `prefix`'s pool, the allocator
+/// in-process on `own_prefix`'s (the same addresses, other keys), and bare txns, in turns.
+fn latency(
     etcd: &Etcd,
-    prefix: &str,
+    (prefix, own_prefix): (&str, &str),
     pool: &Pool,
     dir: &TempDir,
-    servers: usize,
-    clients: usize,
-) -> f64 {
-    let per_client = SAMPLES / clients.max(1);
-    let servers: Vec<Server> = (0..servers)
-        .map(|i| {
-            Server::start(
-                &etcd.url,
-                prefix,
-                &dir.join(&format!("{}-t{i}.sock", pool.id)),
-            )
-        })
+    same: Same,
+) -> Latency {
+    let mut bare =
+        Bare::new(&etcd.url, format!("{prefix}/bare-latency")).moving(same.keys, same.free);
+    let mut own = InProcess::new(&etcd.url, own_prefix, pool);
+    let plugin = Plugin::start(
+        &etcd.url,
+        prefix,
+        &dir.join(&format!("latency-{}.sock", pool.net.network())),
+    );
+    let mut c = plugin.client(pool);
+    for _ in 0..WARM_UP {
+        bare.txn();
+        bare.take();
+        bare.release();
+        let (addr, _) = request_address(&mut c, pool);
+        release_address(&mut c, pool, &addr);
+        let addr = own.take();
+        own.release(addr);
+    }
+    let (mut request, mut release) = (Timings::default(), Timings::default());
+    for _ in 0..ROUNDS {
+        let (mut given, mut taken) = (Vec::new(), Vec::new());
+        for i in 0..PER_ROUND {
+            request.time(
+                i,
+                || given.push(request_address(&mut c, pool).0),
+                || taken.push(own.take()),
+                Bare::take,
+                &mut bare,
+            );
+        }
+        for (i, (addr, own_addr)) in given.iter().zip(&taken).enumerate() {
+            release.time(
+                i,
+                || release_address(&mut c, pool, addr),
+                || own.release(*own_addr),
+                Bare::release,
+                &mut bare,
+            );
+        }
+    }
+    // Counted apart from the timed rounds, with the plugin the only client: etcd's counters
+    // cannot tell whose request they served.
+    let before = etcd_requests(&etcd.url);
+    let given: Vec<String> = (0..PER_ROUND)
+        .map(|_| request_address(&mut c, pool).0)
         .collect();
-    let sockets: Vec<_> = servers.iter().map(|s| s.socket.clone()).collect();
-    let started = Instant::now();
-    let taken: Vec<(usize, Vec<String>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..clients)
-            .map(|n| {
-                let sock = sockets[n % sockets.len()].clone();
+    let middle = etcd_requests(&etcd.url);
+    for addr in &given {
+        release_address(&mut c, pool, addr);
+    }
+    let after = etcd_requests(&etcd.url);
+    let n = PER_ROUND as f64;
+    Latency {
+        request,
+        release,
+        requests_per_alloc: (middle - before) as f64 / n,
+        requests_per_release: (after - middle) as f64 / n,
+    }
+}
+
+/// Runs `work(i)` on one thread for each of `parties`, all started at once; how long until
+/// the last ended, and what each returned.
+fn all_at_once<P: Send, T: Send>(
+    parties: &mut [P],
+    work: impl Fn(&mut P) -> T + Sync,
+) -> (Duration, Vec<T>) {
+    let start = Barrier::new(parties.len() + 1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = parties
+            .iter_mut()
+            .map(|p| {
+                let (start, work) = (&start, &work);
                 scope.spawn(move || {
-                    let mut c = PluginClient::connect(&sock);
-                    let got: Vec<String> = (0..per_client)
-                        .map(|i| {
-                            let r = c.call(
-                                "/IpamDriver.RequestAddress",
-                                &request(pool.id, 100_000 + n * 10_000 + i),
-                            );
-                            assert_eq!(r.status, 200, "{}", r.body);
-                            address_of(&r.body)
-                        })
-                        .collect();
-                    (n, got)
+                    start.wait();
+                    work(p)
                 })
             })
             .collect();
-        handles
+        start.wait();
+        let t = Instant::now();
+        let out: Vec<T> = handles
             .into_iter()
-            .map(|h| h.join().expect("client"))
-            .collect()
-    });
-    let rate = (clients * per_client) as f64 / started.elapsed().as_secs_f64();
-    for (n, addrs) in taken {
-        let mut c = PluginClient::connect(&sockets[n % sockets.len()]);
-        for addr in addrs {
-            let body = format!(r#"{{"PoolID":"{}","Address":"{addr}"}}"#, pool.id);
-            assert_eq!(c.call("/IpamDriver.ReleaseAddress", &body).status, 200);
-        }
-    }
-    drop(servers);
-    rate
+            .map(|h| h.join().expect("a benchmark thread"))
+            .collect();
+        (t.elapsed(), out)
+    })
 }
 
-/// Raw txn floor and RequestAddress/ReleaseAddress through the socket on the /24, against an
-/// etcd with TLS, client certificates and auth: (floor, request, release).
-fn measure_secure(dir: &TempDir) -> ((f64, f64), (f64, f64), (f64, f64)) {
+struct Throughput {
+    plugin: f64,
+    in_process: f64,
+    same: f64,
+    cas: f64,
+    given: usize,
+    duplicates: usize,
+    unrecorded: usize,
+}
+
+/// `PROCESSES` plugin processes with a client each, as many threads with the allocator
+/// in-process (on `own_prefix`'s pool), and as many bare connections, in turns, round by
+/// round; then every address the plugins handed out is looked up in etcd.
+fn throughput(
+    etcd: &Etcd,
+    (prefix, own_prefix): (&str, &str),
+    pool: &Pool,
+    dir: &TempDir,
+    same: Vec<Same>,
+) -> Throughput {
+    let mut bare: Vec<Bare> = same
+        .into_iter()
+        .enumerate()
+        .map(|(i, same)| {
+            Bare::new(&etcd.url, format!("{prefix}/bare-rate-{i}")).moving(same.keys, same.free)
+        })
+        .collect();
+    assert_eq!(bare.len(), PROCESSES);
+    let mut own: Vec<InProcess> = (0..PROCESSES)
+        .map(|_| InProcess::new(&etcd.url, own_prefix, pool))
+        .collect();
+    let plugins: Vec<Plugin> = (0..PROCESSES)
+        .map(|i| Plugin::start(&etcd.url, prefix, &dir.join(&format!("host{i}.sock"))))
+        .collect();
+    let mut clients: Vec<DockerClient> = plugins.iter().map(|p| p.client(pool)).collect();
+    // Each connection's first call, not timed.
+    let mut given: Vec<(String, String)> = clients
+        .iter_mut()
+        .map(|c| request_address(c, pool))
+        .collect();
+    own.iter_mut().for_each(|o| {
+        o.take();
+    });
+    bare.iter_mut().for_each(Bare::txn);
+    bare.iter_mut().for_each(Bare::take);
+
+    let mut time = [Duration::ZERO; 4];
+    for round in 0..RATE_ROUNDS {
+        for k in 0..4 {
+            match (round + k) % 4 {
+                0 => {
+                    let (t, got) = all_at_once(&mut clients, |c| {
+                        (0..PER_CLIENT)
+                            .map(|_| request_address(c, pool))
+                            .collect::<Vec<_>>()
+                    });
+                    time[0] += t;
+                    given.extend(got.into_iter().flatten());
+                }
+                1 => {
+                    time[1] += all_at_once(&mut own, |o| {
+                        (0..PER_CLIENT).for_each(|_| {
+                            o.take();
+                        })
+                    })
+                    .0
+                }
+                2 => {
+                    time[2] += all_at_once(&mut bare, |b| (0..PER_CLIENT).for_each(|_| b.take())).0
+                }
+                _ => time[3] += all_at_once(&mut bare, |b| (0..PER_CLIENT).for_each(|_| b.txn())).0,
+            }
+        }
+    }
+    let n = (RATE_ROUNDS * PROCESSES * PER_CLIENT) as f64;
+    let [plugin, in_process, same_time, cas_time] = time.map(|t| n / t.as_secs_f64());
+
+    let keys = Layout::new(prefix).containers(pool.net.network());
+    let recorded: HashMap<String, Option<Owner>> = bare[0]
+        .client
+        .range(&Range::prefix(keys.assigned_dir.as_str()))
+        .expect("read assigned/")
+        .into_iter()
+        .map(|kv| {
+            let addr = kv.key.trim_start_matches(&keys.assigned_dir).to_string();
+            (addr, Owner::from_json(&kv.value))
+        })
+        .collect();
+    let distinct: HashSet<&str> = given.iter().map(|(a, _)| a.as_str()).collect();
+    let unrecorded = given
+        .iter()
+        .filter(|(addr, mac)| !matches!(recorded.get(addr), Some(Some(o)) if o.mac == *mac))
+        .count();
+    Throughput {
+        plugin,
+        in_process,
+        same: same_time,
+        cas: cas_time,
+        given: given.len(),
+        duplicates: given.len() - distinct.len(),
+        unrecorded,
+    }
+}
+
+/// Resident memory of a server at start and after `RSS_ALLOCATIONS`, in KiB; and the rate
+/// of those allocations.
+fn memory(etcd: &Etcd, prefix: &str, pool: &Pool, dir: &TempDir) -> (u64, u64, f64) {
+    let plugin = Plugin::start(&etcd.url, prefix, &dir.join("memory.sock"));
+    let mut clients: Vec<DockerClient> = (0..RSS_CLIENTS).map(|_| plugin.client(pool)).collect();
+    let at_start = plugin.rss_kib();
+    let (t, _) = all_at_once(&mut clients, |c| {
+        for _ in 0..RSS_ALLOCATIONS / RSS_CLIENTS {
+            request_address(c, pool);
+        }
+    });
+    let rate = RSS_ALLOCATIONS as f64 / t.as_secs_f64();
+    (at_start, plugin.rss_kib(), rate)
+}
+
+/// Median time from spawning a server to its socket taking a connection.
+fn start_to_ready(etcd: &Etcd, prefix: &str, dir: &TempDir) -> Duration {
+    let samples = (0..STARTS)
+        .map(|i| {
+            let socket = dir.join(&format!("start{i}.sock"));
+            let t = Instant::now();
+            let plugin = Plugin::spawn(&etcd.url, prefix, &socket);
+            plugin.wait_ready(Duration::from_micros(100));
+            t.elapsed()
+        })
+        .collect();
+    median(samples)
+}
+
+/// Bulk puts of the config and every key `ip-range` writes into `pool/` for `pool`, 128 to a
+/// transaction, under `prefix`.
+fn bulk_put(url: &str, prefix: &str, pool: &Pool) -> Duration {
+    let client = Client::new(vec![url.to_string()], TIMEOUT);
+    let keys = Layout::new(prefix).containers(pool.net.network());
+    let all: Vec<Ipv4Addr> = pool.hosts().collect();
+    let t = Instant::now();
+    // The pool's config, as ip-range writes it first: allocations compare it.
+    let config = serde_json::to_string(&ContainerConfig::new(pool.net)).expect("config JSON");
+    client
+        .txn(&Txn {
+            success: vec![Op::put(&keys.config, config)],
+            ..Txn::default()
+        })
+        .expect("config put");
+    for batch in all.chunks(MAX_TXN_OPS) {
+        let txn = Txn {
+            success: batch.iter().map(|a| Op::put(keys.pool(*a), "")).collect(),
+            ..Txn::default()
+        };
+        client.txn(&txn).expect("bulk put");
+    }
+    t.elapsed()
+}
+
+fn ip_range(url: &str, prefix: &str, pool: &Pool) -> Duration {
+    let args = ["ip-range", "--ip-start", pool.first, "--ip-end", pool.last];
+    timed(|| ok(cli(url, prefix, &args))).0
+}
+
+/// One line of the table; `met` is None for figures without a goal.
+#[derive(Default)]
+struct Row {
+    what: String,
+    plugin: String,
+    in_process: String,
+    baseline: String,
+    ratio: String,
+    goal: String,
+    /// Whether the goal is met, against each baseline in turn.
+    met: Vec<bool>,
+}
+
+fn row(what: impl Into<String>, plugin: impl Into<String>) -> Row {
+    Row {
+        what: what.into(),
+        plugin: plugin.into(),
+        ..Row::default()
+    }
+}
+
+impl Row {
+    fn in_process(mut self, figure: impl Into<String>) -> Row {
+        self.in_process = figure.into();
+        self
+    }
+
+    fn baseline(mut self, baseline: impl Into<String>) -> Row {
+        self.baseline = baseline.into();
+        self
+    }
+
+    fn ratio(mut self, ratio: f64) -> Row {
+        self.ratio = format!("{ratio:.2}x");
+        self
+    }
+
+    fn goal(mut self, goal: impl Into<String>, met: bool) -> Row {
+        self.goal = goal.into();
+        self.met = vec![met];
+        self
+    }
+
+    /// Two ratios: to the same transaction bare, and to a one-key compare-and-swap.
+    fn ratios(mut self, same: f64, cas: f64) -> Row {
+        self.ratio = format!("{same:.2}x / {cas:.2}x");
+        self
+    }
+
+    /// A goal met (or not) against each of the two baselines of [`Row::ratios`].
+    fn goals(mut self, goal: impl Into<String>, same: bool, cas: bool) -> Row {
+        self.goal = goal.into();
+        self.met = vec![same, cas];
+        self
+    }
+}
+
+/// RequestAddress and ReleaseAddress through the plugin against bare txns, in turns, on a /24
+/// in a second etcd that requires TLS, client certificates and auth (a CA made with the openssl
+/// CLI): what security costs. Its (request, release) latencies.
+fn secure_latency(pool: &Pool, dir: &TempDir) -> (Timings, Timings) {
     let pki = Pki::new("bench");
     let password = format!("bench-{}", std::process::id());
     let etcd = Etcd::start_secure("bench-secure", &pki, &password);
@@ -245,19 +830,13 @@ fn measure_secure(dir: &TempDir) -> ((f64, f64), (f64, f64), (f64, f64)) {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    let args = ["ip-range", "--ip-start", pool.first, "--ip-end", pool.last];
     ok(Command::new(BIN)
         .args(common::store_args(&etcd.url, &prefix))
         .args(&flags)
-        .args([
-            "ip-range",
-            "--ip-start",
-            "198.19.7.0/24",
-            "--ip-end",
-            "198.19.7.255/24",
-        ])
+        .args(args)
         .output()
         .expect("ip-range"));
-
     let security = Security {
         tls: tls::config(&TlsFiles {
             cacert: Some(pki.path("ca.crt").into()),
@@ -270,56 +849,106 @@ fn measure_secure(dir: &TempDir) -> ((f64, f64), (f64, f64), (f64, f64)) {
             password: Secret::new(password.clone()),
         }),
     };
-    let client = Client::secured(vec![etcd.url.clone()], Duration::from_secs(5), security);
-    let key = format!("{prefix}/floor");
-    client
-        .txn(&Txn {
-            success: vec![Op::put(&key, "0")],
-            ..Txn::default()
-        })
-        .expect("txn");
-    let floor: Vec<Duration> = (0..FLOOR_SAMPLES)
-        .map(|i| {
-            let txn = Txn {
-                compares: vec![Compare::Exists(key.clone())],
-                success: vec![Op::put(&key, i.to_string())],
-                failure: vec![],
-            };
-            let t = Instant::now();
-            client.txn(&txn).expect("txn");
-            t.elapsed()
-        })
-        .collect();
+    let client = Client::secured(vec![etcd.url.clone()], TIMEOUT, security);
+    let mut bare = Bare::on(client, format!("{prefix}/bare-latency"));
+    let socket = dir.join("secure.sock");
+    let plugin = Plugin::spawn_with(&etcd.url, &prefix, &socket, &flags);
+    plugin.wait_ready(Duration::from_millis(1));
+    let mut c = plugin.client(pool);
+    for _ in 0..WARM_UP {
+        bare.txn();
+        let (addr, _) = request_address(&mut c, pool);
+        release_address(&mut c, pool, &addr);
+    }
+    let (mut request, mut release) = (Timings::default(), Timings::default());
+    let mut given = Vec::new();
+    for i in 0..PER_ROUND {
+        // Two take turns here: the allocator in-process has no column on this etcd.
+        if i % 2 == 0 {
+            request.cas.push(timed(|| bare.txn()).0);
+        }
+        request
+            .plugin
+            .push(timed(|| given.push(request_address(&mut c, pool).0)).0);
+        if i % 2 == 1 {
+            request.cas.push(timed(|| bare.txn()).0);
+        }
+    }
+    for (i, addr) in given.iter().enumerate() {
+        if i % 2 == 0 {
+            release.cas.push(timed(|| bare.txn()).0);
+        }
+        release
+            .plugin
+            .push(timed(|| release_address(&mut c, pool, addr)).0);
+        if i % 2 == 1 {
+            release.cas.push(timed(|| bare.txn()).0);
+        }
+    }
+    (request, release)
+}
 
-    let sock = dir.join("secure.sock");
-    let mut command = Command::new(BIN);
-    command.args(&flags);
-    let server = Server::start_with(command, &etcd.url, &prefix, &sock, &sock);
-    let mut c = PluginClient::connect(&sock);
-    assert_eq!(
-        c.call("/IpamDriver.RequestPool", r#"{"Pool":"198.19.7.0/24"}"#)
-            .status,
-        200
+/// Rows of the secured etcd: p50 and p99 of each call against the bare txns of that etcd.
+fn secure_rows(rows: &mut Vec<Row>, (request, release): (Timings, Timings)) {
+    for (call, trio) in [("RequestAddress", request), ("ReleaseAddress", release)] {
+        let (plugin, bare) = (percentiles(trio.plugin), percentiles(trio.cas));
+        rows.push(
+            row(
+                format!("{call} p50 / p99, /24 pool, etcd with TLS + client certificate + auth"),
+                format!("{:.2} / {:.2} ms", plugin.0, plugin.1),
+            )
+            .baseline(format!("{:.2} / {:.2} ms", bare.0, bare.1))
+            .ratio(plugin.0 / bare.0),
+        );
+    }
+}
+
+/// The rows of one pool: p50 and p99 of each call against the bare txns timed in turn with
+/// them, and etcd requests per call.
+fn latency_rows(rows: &mut Vec<Row>, pool: &Pool, l: Latency) {
+    for (call, times) in [("RequestAddress", l.request), ("ReleaseAddress", l.release)] {
+        let (plugin, own, same, cas) = (
+            percentiles(times.plugin),
+            percentiles(times.in_process),
+            percentiles(times.same),
+            percentiles(times.cas),
+        );
+        for (at, limit, pick) in [
+            ("p50", 1.2, (|p: (f64, f64)| p.0) as fn((f64, f64)) -> f64),
+            ("p99", 2.0, |p: (f64, f64)| p.1),
+        ] {
+            let (plugin, own, same, cas) = (pick(plugin), pick(own), pick(same), pick(cas));
+            rows.push(
+                row(
+                    format!("{call} {at}, {} pool", pool.label),
+                    format!("{plugin:.2} ms"),
+                )
+                .in_process(format!(
+                    "{own:.2} ms ({:.2}x / {:.2}x)",
+                    own / same,
+                    own / cas
+                ))
+                .baseline(format!("{same:.2} ms / {cas:.2} ms"))
+                .ratios(plugin / same, plugin / cas)
+                .goals(
+                    format!("≤ {limit}x"),
+                    plugin / same <= limit,
+                    plugin / cas <= limit,
+                ),
+            );
+        }
+    }
+    rows.push(
+        row(
+            format!("etcd requests per release, {} pool", pool.label),
+            format!("{:.2}", l.requests_per_release),
+        )
+        .goal("1.00", l.requests_per_release < 1.005),
     );
-    let mut taken = Vec::new();
-    let mut lat = Vec::new();
-    for i in 0..SAMPLES {
-        let t = Instant::now();
-        let r = c.call("/IpamDriver.RequestAddress", &request("198.19.7.0", i));
-        lat.push(t.elapsed());
-        assert_eq!(r.status, 200, "{}", r.body);
-        taken.push(address_of(&r.body));
-    }
-    let request_lat = percentiles(lat);
-    let mut lat = Vec::new();
-    for addr in &taken {
-        let body = format!(r#"{{"PoolID":"198.19.7.0","Address":"{addr}"}}"#);
-        let t = Instant::now();
-        assert_eq!(c.call("/IpamDriver.ReleaseAddress", &body).status, 200);
-        lat.push(t.elapsed());
-    }
-    drop(server);
-    (percentiles(floor), request_lat, percentiles(lat))
+    rows.push(row(
+        format!("etcd requests per allocation, {} pool", pool.label),
+        format!("{:.2}", l.requests_per_alloc),
+    ));
 }
 
 fn main() {
@@ -327,78 +956,152 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
+    let began = Instant::now();
     let etcd = Etcd::start("bench");
     let dir = TempDir::new("bench");
-    let pools = [
-        Pool {
-            label: "/24",
-            first: "198.19.7.0/24",
-            last: "198.19.7.255/24",
-            id: "198.19.7.0",
-        },
-        Pool {
-            label: "/16",
-            first: "198.18.0.0/16",
-            last: "198.18.255.255/16",
-            id: "198.18.0.0",
-        },
-    ];
-    let cols: Vec<Column> = pools.iter().map(|p| measure(&etcd, p, &dir)).collect();
+    let (small, big) = (slash_24(), slash_16());
 
-    let row = |name: &str, f: &dyn Fn(&Column) -> String| {
-        println!("| {name} | {} | {} |", f(&cols[0]), f(&cols[1]));
+    // The /16 goes in first: its timing is a goal, and the later parts use it. Bulk puts go
+    // in before and after it (etcd's database grows with each), and the first bulk-put keys
+    // are a pool of the same addresses for the allocator in-process.
+    let bulk = unique_prefix("bulk");
+    let before = bulk_put(&etcd.url, &bulk, &big);
+    let big_prefix = unique_prefix("bench");
+    let first = ip_range(&etcd.url, &big_prefix, &big);
+    let same_prefix = unique_prefix("bulk");
+    let after = bulk_put(&etcd.url, &same_prefix, &big);
+    let floor = (before + after) / 2;
+    let again = ip_range(&etcd.url, &big_prefix, &big);
+    let (small_prefix, small_own) = (unique_prefix("bench"), unique_prefix("own"));
+    ip_range(&etcd.url, &small_prefix, &small);
+    ip_range(&etcd.url, &small_own, &small);
+
+    // The bare transactions' own pool: the second bulk put's.
+    let mut same = same_slices(
+        &same_prefix,
+        &big,
+        2 + PROCESSES,
+        2 * RATE_ROUNDS * PER_CLIENT,
+    );
+    let rate_same = same.split_off(2);
+    let (same16, same24) = (same.pop().expect("slice"), same.pop().expect("slice"));
+    let l24 = latency(&etcd, (&small_prefix, &small_own), &small, &dir, same24);
+    let l16 = latency(&etcd, (&big_prefix, &bulk), &big, &dir, same16);
+    let rate = throughput(&etcd, (&big_prefix, &bulk), &big, &dir, rate_same);
+    let (rss_start, rss_after, rss_rate) = memory(&etcd, &big_prefix, &big, &dir);
+    let start = start_to_ready(&etcd, &unique_prefix("start"), &dir);
+    let secure = secure_latency(&small, &dir);
+    let whole = {
+        let client = Client::new(vec![etcd.url.clone()], TIMEOUT);
+        let pool_dir = Layout::new(&big_prefix)
+            .containers(big.net.network())
+            .pool_dir;
+        let reads = (0..WHOLE_READS)
+            .map(|_| timed(|| client.range(&Range::prefix(pool_dir.as_str()).keys_only())).0)
+            .collect();
+        median(reads)
     };
-    let pair = |(p50, p99): (f64, f64)| format!("{p50:.2} / {p99:.2}");
-    println!("| ms p50 / p99 ({SAMPLES} allocations, {FLOOR_SAMPLES} raw txns) | /24 pool (254) | /16 pool (65,534) |");
-    println!("|---|---|---|");
-    row("raw etcd CAS txn (floor)", &|c| pair(c.floor));
-    row("read the whole pool (the original, per allocation)", &|c| {
-        pair(c.whole_pool_read)
-    });
-    row("RequestAddress via socket", &|c| pair(c.request));
-    row("RequestAddress / floor (p50)", &|c| {
-        format!("{:.2}x", c.request.0 / c.floor.0)
-    });
-    row("ReleaseAddress via socket", &|c| pair(c.release));
-    row("ReleaseAddress / floor (p50)", &|c| {
-        format!("{:.2}x", c.release.0 / c.floor.0)
-    });
-    row("allocations/s, 1 client, 1 server", &|c| {
-        format!("{:.0}", c.rate_1)
-    });
-    row("allocations/s, 8 clients, 4 servers", &|c| {
-        format!("{:.0}", c.rate_8)
-    });
-    row("etcd requests per allocation", &|c| {
-        format!("{:.2}", c.requests_per_alloc)
-    });
-    row("etcd requests per release", &|c| {
-        format!("{:.2}", c.requests_per_release)
-    });
 
-    let (floor, request, release) = measure_secure(&dir);
-    let plain = &cols[0];
+    let mut rows = Vec::new();
+    latency_rows(&mut rows, &small, l24);
+    latency_rows(&mut rows, &big, l16);
+    let (same, cas) = (rate.plugin / rate.same, rate.plugin / rate.cas);
+    rows.push(
+        row(
+            format!("allocations/s, {PROCESSES} processes x 1 client, /16 pool"),
+            format!("{:.0}", rate.plugin),
+        )
+        .in_process(format!(
+            "{:.0} on {PROCESSES} threads ({:.2}x / {:.2}x)",
+            rate.in_process,
+            rate.in_process / rate.same,
+            rate.in_process / rate.cas
+        ))
+        .baseline(format!(
+            "{:.0} / {:.0} txn/s on {PROCESSES} connections",
+            rate.same, rate.cas
+        ))
+        .ratios(same, cas)
+        .goals("≥ 0.8x", same >= 0.8, cas >= 0.8),
+    );
+    rows.push(
+        row(
+            format!(
+                "of the {} addresses they handed out: given twice, not recorded for their container",
+                rate.given
+            ),
+            format!("{}, {}", rate.duplicates, rate.unrecorded),
+        )
+        .goal("0, 0", rate.duplicates == 0 && rate.unrecorded == 0),
+    );
+    let ratio = first.as_secs_f64() / floor.as_secs_f64();
+    rows.push(
+        row(
+            "ip-range of the /16 (65,534 addresses)",
+            format!("{:.2} s", first.as_secs_f64()),
+        )
+        .baseline(format!(
+            "{:.2} s bulk put, 128 keys a txn (mean of one before, one after)",
+            floor.as_secs_f64()
+        ))
+        .ratio(ratio)
+        .goal("≤ 1.5x", ratio <= 1.5),
+    );
+    rows.push(
+        row(
+            "ip-range of the /16 again",
+            format!("{:.2} s", again.as_secs_f64()),
+        )
+        .goal("< 1 s", again < Duration::from_secs(1)),
+    );
+    rows.push(
+        row(
+            format!("plugin RSS after {RSS_ALLOCATIONS} allocations"),
+            format!("{:.1} MiB", rss_after as f64 / 1024.0),
+        )
+        .baseline(format!("{:.1} MiB at start", rss_start as f64 / 1024.0))
+        .goal("< 10 MiB", rss_after < 10 * 1024),
+    );
+    rows.push(
+        row(
+            format!("start to socket-ready (median of {STARTS})"),
+            format!("{:.1} ms", ms(start)),
+        )
+        .goal("< 10 ms", start < Duration::from_millis(10)),
+    );
+    rows.push(row(
+        format!("allocations/s, 1 process x {RSS_CLIENTS} clients, /16 pool"),
+        format!("{rss_rate:.0}"),
+    ));
+    secure_rows(&mut rows, secure);
+    rows.push(row(
+        "read the whole /16 pool (the original, per allocation)",
+        format!("{:.0} ms", ms(whole)),
+    ));
+
+    println!(
+        "{} RequestAddress and ReleaseAddress per pool and {} rounds of {PROCESSES} x {PER_CLIENT} \
+         allocations, plugin, allocator and bare txn taking turns:",
+        ROUNDS * PER_ROUND,
+        RATE_ROUNDS
+    );
     println!();
-    println!("| ms p50 / p99, /24 pool | http, no auth | https + client certificate + auth |");
-    println!("|---|---|---|");
-    println!(
-        "| raw etcd CAS txn (floor) | {} | {} |",
-        pair(plain.floor),
-        pair(floor)
-    );
-    println!(
-        "| RequestAddress via socket | {} | {} |",
-        pair(plain.request),
-        pair(request)
-    );
-    println!(
-        "| RequestAddress / floor (p50) | {:.2}x | {:.2}x |",
-        plain.request.0 / plain.floor.0,
-        request.0 / floor.0
-    );
-    println!(
-        "| ReleaseAddress via socket | {} | {} |",
-        pair(plain.release),
-        pair(release)
+    println!("| measure | plugin | allocator in-process (/ bare) | bare txn, same run | plugin / bare | goal | met |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let met: Vec<&str> = r
+            .met
+            .iter()
+            .map(|&met| if met { "yes" } else { "**no**" })
+            .collect();
+        let met = met.join(" / ");
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {met} |",
+            r.what, r.plugin, r.in_process, r.baseline, r.ratio, r.goal
+        );
+    }
+    eprintln!(
+        "(the benchmark took {:.0} s)",
+        began.elapsed().as_secs_f64()
     );
 }

@@ -888,8 +888,8 @@ impl<K: Kv> Allocator<K> {
 /// "If the pool is defined and `addr` is free (in `pool/`, not in `assigned/`), move it to
 /// `assigned/` with `value`": the one transaction every taking goes through. Comparing the
 /// config means a pool being removed (`--remove` deletes its config first) gives out nothing,
-/// whatever a server remembers of it.
-fn take_txn(keys: &PoolKeys, addr: Ipv4Addr, value: &str) -> Txn {
+/// whatever a server remembers of it. Public for the benchmark, whose baseline it is.
+pub fn take_txn(keys: &PoolKeys, addr: Ipv4Addr, value: &str) -> Txn {
     Txn {
         compares: vec![
             Compare::Exists(keys.config.clone()),
@@ -905,13 +905,8 @@ fn take_txn(keys: &PoolKeys, addr: Ipv4Addr, value: &str) -> Txn {
 }
 
 /// "If `guard` holds, move `addr` from `assigned/` back to `pool/`; otherwise run `failure`":
-/// every giving back goes through it.
-pub(crate) fn move_back_txn(
-    keys: &PoolKeys,
-    addr: Ipv4Addr,
-    guard: Compare,
-    failure: Vec<Op>,
-) -> Txn {
+/// every giving back goes through it. Public for the benchmark, whose baseline it is.
+pub fn move_back_txn(keys: &PoolKeys, addr: Ipv4Addr, guard: Compare, failure: Vec<Op>) -> Txn {
     Txn {
         compares: vec![guard],
         success: vec![
