@@ -1049,58 +1049,16 @@ fn parse_prefix(prefix: &str) -> Result<String, UsageError> {
     Ok(trimmed.to_string())
 }
 
-/// Collects `--flag VALUE` pairs of a command; `--help` anywhere wins.
-struct CommandFlags {
-    values: Vec<(&'static str, String)>,
-    switches: Vec<&'static str>,
-    help: bool,
-}
+// Each command reads its flags in its own loop, as typed, and checks them after the loop: so
+// the last of a repeated flag counts, and `--help` anywhere wins over a value that would be
+// refused, though not over a flag that cannot be read at all. `show` checks as it goes.
 
-impl CommandFlags {
-    fn read(
-        parser: &mut lexopt::Parser,
-        valued: &[&'static str],
-        switches: &[&'static str],
-    ) -> Result<CommandFlags, UsageError> {
-        let mut flags = CommandFlags {
-            values: Vec::new(),
-            switches: Vec::new(),
-            help: false,
-        };
-        while let Some(arg) = parser.next()? {
-            match arg {
-                Short('h') | Long("help") => flags.help = true,
-                Long(name) => {
-                    if let Some(flag) = valued.iter().find(|f| f[2..] == *name) {
-                        let value = text(parser.value()?, flag)?;
-                        flags.values.retain(|(f, _)| f != flag);
-                        flags.values.push((flag, value));
-                    } else if let Some(flag) = switches.iter().find(|f| f[2..] == *name) {
-                        flags.switches.push(flag);
-                    } else {
-                        return Err(Long(name).unexpected().into());
-                    }
-                }
-                other => return Err(other.unexpected().into()),
-            }
-        }
-        Ok(flags)
-    }
-
-    fn get(&self, flag: &str) -> Option<&str> {
-        self.values
-            .iter()
-            .find(|(f, _)| *f == flag)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn need(&self, command: &'static str, flag: &'static str) -> Result<&str, UsageError> {
-        self.get(flag).ok_or(UsageError::Missing { command, flag })
-    }
-
-    fn switch(&self, flag: &str) -> bool {
-        self.switches.contains(&flag)
-    }
+fn need(
+    value: Option<String>,
+    command: &'static str,
+    flag: &'static str,
+) -> Result<String, UsageError> {
+    value.ok_or(UsageError::Missing { command, flag })
 }
 
 fn addr_flag<T>(flag: &'static str, result: Result<T, AddrError>) -> Result<T, UsageError> {
@@ -1108,11 +1066,18 @@ fn addr_flag<T>(flag: &'static str, result: Result<T, AddrError>) -> Result<T, U
 }
 
 fn parse_server(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(parser, &["--socket"], &[])?;
-    if flags.help {
+    let (mut help, mut socket) = (false, None);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => help = true,
+            Long("socket") => socket = Some(text(parser.value()?, "--socket")?),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    if help {
         return Ok(Command::Help(&SERVER_HELP));
     }
-    let socket = PathBuf::from(flags.get("--socket").unwrap_or(DEFAULT_SOCKET));
+    let socket = PathBuf::from(socket.as_deref().unwrap_or(DEFAULT_SOCKET));
     if socket.file_stem().is_none() {
         return Err(UsageError::Invalid {
             flag: "--socket",
@@ -1123,37 +1088,57 @@ fn parse_server(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
     Ok(Command::Server { socket })
 }
 
-fn parse_range(flags: &CommandFlags, command: &'static str) -> Result<AddrRange, UsageError> {
-    let start = flags.need(command, "--ip-start")?;
-    let end = flags.need(command, "--ip-end")?;
-    addr_flag("--ip-start", addr::parse_cidr(start))?;
-    addr_flag("--ip-end", addr::parse_cidr(end))?;
-    addr_flag("--ip-start/--ip-end", AddrRange::parse(start, end))
+fn parse_range(
+    command: &'static str,
+    start: Option<String>,
+    end: Option<String>,
+) -> Result<AddrRange, UsageError> {
+    let start = need(start, command, "--ip-start")?;
+    let end = need(end, command, "--ip-end")?;
+    addr_flag("--ip-start", addr::parse_cidr(&start))?;
+    addr_flag("--ip-end", addr::parse_cidr(&end))?;
+    addr_flag("--ip-start/--ip-end", AddrRange::parse(&start, &end))
 }
 
 fn parse_ip_range(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(parser, &["--ip-start", "--ip-end"], &["--remove"])?;
-    if flags.help {
+    let (mut help, mut start, mut end, mut remove) = (false, None, None, false);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => help = true,
+            Long("ip-start") => start = Some(text(parser.value()?, "--ip-start")?),
+            Long("ip-end") => end = Some(text(parser.value()?, "--ip-end")?),
+            Long("remove") => remove = true,
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    if help {
         return Ok(Command::Help(&IP_RANGE_HELP));
     }
-    let range = parse_range(&flags, "ip-range")?;
-    if flags.switch("--remove") {
+    let range = parse_range("ip-range", start, end)?;
+    if remove {
         return Ok(Command::RemoveIpRange { range });
     }
     Ok(Command::IpRange { range })
 }
 
 fn parse_host_range(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(
-        parser,
-        &["--ip-start", "--ip-end", "--gateway"],
-        &["--force", "--remove"],
-    )?;
-    if flags.help {
+    let (mut help, mut start, mut end, mut gateway) = (false, None, None, None);
+    let (mut force, mut remove) = (false, false);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => help = true,
+            Long("ip-start") => start = Some(text(parser.value()?, "--ip-start")?),
+            Long("ip-end") => end = Some(text(parser.value()?, "--ip-end")?),
+            Long("gateway") => gateway = Some(text(parser.value()?, "--gateway")?),
+            Long("force") => force = true,
+            Long("remove") => remove = true,
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    if help {
         return Ok(Command::Help(&HOST_RANGE_HELP));
     }
-    let range = parse_range(&flags, "host-range")?;
-    let (force, remove) = (flags.switch("--force"), flags.switch("--remove"));
+    let range = parse_range("host-range", start, end)?;
     if force && remove {
         return Err(UsageError::Invalid {
             flag: "--force",
@@ -1162,16 +1147,14 @@ fn parse_host_range(parser: &mut lexopt::Parser) -> Result<Command, UsageError> 
         });
     }
     if remove {
-        let gateway = match flags.get("--gateway") {
-            Some(g) => Some(addr_flag("--gateway", addr::parse_addr(g))?),
+        let gateway = match gateway {
+            Some(g) => Some(addr_flag("--gateway", addr::parse_addr(&g))?),
             None => None,
         };
         return Ok(Command::RemoveHostRange { range, gateway });
     }
-    let gateway = addr_flag(
-        "--gateway",
-        addr::parse_addr(flags.need("host-range", "--gateway")?),
-    )?;
+    let gateway = need(gateway, "host-range", "--gateway")?;
+    let gateway = addr_flag("--gateway", addr::parse_addr(&gateway))?;
     Ok(Command::HostRange {
         range,
         gateway,
@@ -1234,31 +1217,50 @@ fn parse_pool_name(value: &str) -> Result<PoolName, UsageError> {
 }
 
 fn parse_check(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(parser, &[], &["--json"])?;
-    if flags.help {
+    let (mut help, mut json) = (false, false);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => help = true,
+            Long("json") => json = true,
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    if help {
         return Ok(Command::Help(&CHECK_HELP));
     }
-    Ok(Command::Check {
-        json: flags.switch("--json"),
-    })
+    Ok(Command::Check { json })
 }
 
 fn parse_reconcile(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(parser, &[], &["--apply"])?;
-    if flags.help {
+    let (mut help, mut apply) = (false, false);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => help = true,
+            Long("apply") => apply = true,
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    if help {
         return Ok(Command::Help(&RECONCILE_HELP));
     }
-    Ok(Command::Reconcile {
-        apply: flags.switch("--apply"),
-    })
+    Ok(Command::Reconcile { apply })
 }
 
 fn parse_release_ip(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(parser, &["--ip"], &["--force"])?;
-    if flags.help {
+    let (mut help, mut ip, mut force) = (false, None, false);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => help = true,
+            Long("ip") => ip = Some(text(parser.value()?, "--ip")?),
+            Long("force") => force = true,
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    if help {
         return Ok(Command::Help(&RELEASE_IP_HELP));
     }
-    let cidr = addr_flag("--ip", addr::parse_cidr(flags.need("release-ip", "--ip")?))?;
+    let ip = need(ip, "release-ip", "--ip")?;
+    let cidr = addr_flag("--ip", addr::parse_cidr(&ip))?;
     let net = cidr.trunc();
     if !addr::is_host_of(cidr.addr(), net) {
         return Err(UsageError::Addr {
@@ -1269,38 +1271,51 @@ fn parse_release_ip(parser: &mut lexopt::Parser) -> Result<Command, UsageError> 
     Ok(Command::ReleaseIp {
         addr: cidr.addr(),
         net,
-        force: flags.switch("--force"),
+        force,
     })
 }
 
 fn parse_release_host(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(parser, &["--ip"], &["--force"])?;
-    if flags.help {
+    let (mut help, mut ip, mut force) = (false, None, false);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => help = true,
+            Long("ip") => ip = Some(text(parser.value()?, "--ip")?),
+            Long("force") => force = true,
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    if help {
         return Ok(Command::Help(&RELEASE_HOST_HELP));
     }
-    let ip = flags.need("release-host", "--ip")?;
+    let ip = need(ip, "release-host", "--ip")?;
     // The original took the host address with its prefix length, like release-ip.
     let (addr, prefix_len) = if ip.contains('/') {
-        let cidr = addr_flag("--ip", addr::parse_cidr(ip))?;
+        let cidr = addr_flag("--ip", addr::parse_cidr(&ip))?;
         (cidr.addr(), Some(cidr.prefix_len()))
     } else {
-        (addr_flag("--ip", addr::parse_addr(ip))?, None)
+        (addr_flag("--ip", addr::parse_addr(&ip))?, None)
     };
     Ok(Command::ReleaseHost {
         addr,
         prefix_len,
-        force: flags.switch("--force"),
+        force,
     })
 }
 
 fn parse_migrate_v2(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(parser, &[], &["--dry-run"])?;
-    if flags.help {
+    let (mut help, mut dry_run) = (false, false);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => help = true,
+            Long("dry-run") => dry_run = true,
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    if help {
         return Ok(Command::Help(&MIGRATE_V2_HELP));
     }
-    Ok(Command::MigrateV2 {
-        dry_run: flags.switch("--dry-run"),
-    })
+    Ok(Command::MigrateV2 { dry_run })
 }
 
 /// Interface and bridge names as the kernel takes them: 1 to 15 bytes, no `/`, space or `:`.
@@ -1322,27 +1337,46 @@ fn parse_ifname(flag: &'static str, value: &str) -> Result<String, UsageError> {
     Ok(value.into())
 }
 
+/// `create-network`'s flags as typed.
+#[derive(Default)]
+struct NetworkArgs {
+    help: bool,
+    ip: Option<String>,
+    name: Option<String>,
+    bridge: Option<String>,
+    mtu: Option<String>,
+    interface: Option<String>,
+    ifcfg_dir: Option<String>,
+    force: bool,
+    no_restart: bool,
+    dry_run: bool,
+}
+
 fn parse_create_network(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(
-        parser,
-        &[
-            "--ip",
-            "--name",
-            "--bridge",
-            "--mtu",
-            "--interface",
-            "--ifcfg-dir",
-        ],
-        &["--force", "--no-restart", "--dry-run"],
-    )?;
-    if flags.help {
+    let mut args = NetworkArgs::default();
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => args.help = true,
+            Long("ip") => args.ip = Some(text(parser.value()?, "--ip")?),
+            Long("name") => args.name = Some(text(parser.value()?, "--name")?),
+            Long("bridge") => args.bridge = Some(text(parser.value()?, "--bridge")?),
+            Long("mtu") => args.mtu = Some(text(parser.value()?, "--mtu")?),
+            Long("interface") => args.interface = Some(text(parser.value()?, "--interface")?),
+            Long("ifcfg-dir") => args.ifcfg_dir = Some(text(parser.value()?, "--ifcfg-dir")?),
+            Long("force") => args.force = true,
+            Long("no-restart") => args.no_restart = true,
+            Long("dry-run") => args.dry_run = true,
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    if args.help {
         return Ok(Command::Help(&CREATE_NETWORK_HELP));
     }
-    let ip = match flags.get("--ip") {
-        Some(v) => Some(addr_flag("--ip", addr::parse_addr(v))?),
+    let ip = match args.ip {
+        Some(v) => Some(addr_flag("--ip", addr::parse_addr(&v))?),
         None => None,
     };
-    let name = flags.get("--name").unwrap_or(DEFAULT_NETWORK).to_string();
+    let name = args.name.unwrap_or_else(|| DEFAULT_NETWORK.into());
     let name_ok = !name.is_empty()
         && name
             .chars()
@@ -1355,25 +1389,25 @@ fn parse_create_network(parser: &mut lexopt::Parser) -> Result<Command, UsageErr
             reason: "expected letters, digits, '-', '_' or '.'".into(),
         });
     }
-    let bridge = parse_ifname("--bridge", flags.get("--bridge").unwrap_or(DEFAULT_BRIDGE))?;
-    let mtu = match flags.get("--mtu") {
+    let bridge = parse_ifname("--bridge", args.bridge.as_deref().unwrap_or(DEFAULT_BRIDGE))?;
+    let mtu = match args.mtu {
         None => DEFAULT_MTU,
         Some(v) => match v.trim().parse::<u32>() {
             Ok(m) if (68..=65535).contains(&m) => m,
             _ => {
                 return Err(UsageError::Invalid {
                     flag: "--mtu",
-                    value: v.into(),
+                    value: v,
                     reason: "expected a number from 68 to 65535".into(),
                 })
             }
         },
     };
-    let interface = match flags.get("--interface") {
-        Some(v) => Some(parse_ifname("--interface", v)?),
+    let interface = match args.interface {
+        Some(v) => Some(parse_ifname("--interface", &v)?),
         None => None,
     };
-    let ifcfg_dir = PathBuf::from(flags.get("--ifcfg-dir").unwrap_or(DEFAULT_IFCFG_DIR));
+    let ifcfg_dir = PathBuf::from(args.ifcfg_dir.as_deref().unwrap_or(DEFAULT_IFCFG_DIR));
     Ok(Command::CreateNetwork(NetworkFlags {
         ip,
         name,
@@ -1381,9 +1415,9 @@ fn parse_create_network(parser: &mut lexopt::Parser) -> Result<Command, UsageErr
         mtu,
         interface,
         ifcfg_dir,
-        force: flags.switch("--force"),
-        no_restart: flags.switch("--no-restart"),
-        dry_run: flags.switch("--dry-run"),
+        force: args.force,
+        no_restart: args.no_restart,
+        dry_run: args.dry_run,
     }))
 }
 
@@ -1851,6 +1885,98 @@ mod tests {
                 "--{name} is not in GLOBAL_FLAGS"
             );
         }
+    }
+
+    #[test]
+    fn a_command_flag_mistake_is_named_on_one_line() {
+        let said = |args: &[&str]| run(args).unwrap_err().to_string();
+        assert_eq!(said(&["server", "--bogus"]), "invalid option '--bogus'");
+        assert_eq!(said(&["server", "-x"]), "invalid option '-x'");
+        // Another command's flag.
+        assert_eq!(said(&["check", "--apply"]), "invalid option '--apply'");
+        assert_eq!(said(&["reconcile", "--json"]), "invalid option '--json'");
+        assert_eq!(
+            said(&["server", "--ip", "192.0.2.1"]),
+            "invalid option '--ip'"
+        );
+        assert_eq!(
+            said(&["ip-range", "--ip-start"]),
+            "missing argument for option '--ip-start'"
+        );
+        assert_eq!(
+            said(&["create-network", "--mtu"]),
+            "missing argument for option '--mtu'"
+        );
+        assert_eq!(
+            said(&["migrate-v2", "--dry-run=yes"]),
+            "unexpected argument for option '--dry-run': \"yes\""
+        );
+        assert_eq!(said(&["check", "extra"]), "unexpected argument \"extra\"");
+        assert_eq!(
+            said(&["ip-range", "--ip-end", "192.0.2.9/24"]),
+            "ip-range needs --ip-start"
+        );
+        let range = ["--ip-start", "192.0.2.1/24", "--ip-end", "192.0.2.9/24"];
+        assert_eq!(
+            said(&[&["host-range"][..], &range].concat()),
+            "host-range needs --gateway"
+        );
+        assert_eq!(
+            said(&["create-network", "--mtu", "9"]),
+            "invalid --mtu \"9\": expected a number from 68 to 65535"
+        );
+        // --help wins over a value that would be refused, not over a flag that cannot be read.
+        assert_eq!(
+            run(&["create-network", "--mtu", "9", "--help"]).unwrap().1,
+            Command::Help(&CREATE_NETWORK_HELP)
+        );
+        assert_eq!(
+            said(&["server", "--help", "--bogus"]),
+            "invalid option '--bogus'"
+        );
+    }
+
+    #[test]
+    fn the_last_of_a_repeated_flag_counts() {
+        let (_, c) = run(&[
+            "create-network",
+            "--mtu",
+            "9",
+            "--name=a",
+            "--force",
+            "--mtu",
+            "9000",
+            "-name",
+            "b",
+            "--force",
+        ])
+        .unwrap();
+        let Command::CreateNetwork(flags) = c else {
+            panic!("{c:?}")
+        };
+        assert_eq!(
+            (flags.mtu, flags.name.as_str(), flags.force),
+            (9000, "b", true)
+        );
+        assert_eq!(
+            run(&["server", "--socket", "/a.sock", "--socket=/b.sock"])
+                .unwrap()
+                .1,
+            Command::Server {
+                socket: "/b.sock".into()
+            }
+        );
+        let (_, c) = run(&[
+            "ip-range",
+            "--ip-start",
+            "bad",
+            "--ip-end",
+            "192.0.2.9/24",
+            "--ip-start",
+            "192.0.2.1/24",
+        ])
+        .unwrap();
+        assert!(matches!(c, Command::IpRange { .. }), "{c:?}");
     }
 
     #[test]
