@@ -26,7 +26,81 @@ pub const DEFAULT_BRIDGE: &str = "br0";
 pub const DEFAULT_MTU: u32 = 1500;
 pub const DEFAULT_IFCFG_DIR: &str = "/etc/sysconfig/network-scripts";
 
-pub const HELP: &str = "\
+/// A help text: usage and description written by hand, then the flags. A command's flags are
+/// listed here only, as `Flag`s; its parser matches on the same names (a unit test keeps the
+/// two together) and `-name` is read as `--name` for each of them.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Help {
+    text: &'static str,
+    flags: &'static [Flag],
+}
+
+/// One of a command's flags, as its help lists it.
+#[derive(Debug, PartialEq, Eq)]
+struct Flag {
+    /// Without the dashes, as the parser matches it.
+    name: &'static str,
+    /// What the value stands for; `None` for a switch.
+    value: Option<&'static str>,
+    /// The description, one line of help per line.
+    about: &'static str,
+}
+
+impl Flag {
+    const fn value(name: &'static str, value: &'static str, about: &'static str) -> Flag {
+        Flag {
+            name,
+            value: Some(value),
+            about,
+        }
+    }
+
+    const fn switch(name: &'static str, about: &'static str) -> Flag {
+        Flag {
+            name,
+            value: None,
+            about,
+        }
+    }
+
+    /// `--name VALUE`, as the help's left column shows it.
+    fn usage(&self) -> String {
+        match self.value {
+            Some(value) => format!("--{} {value}", self.name),
+            None => format!("--{}", self.name),
+        }
+    }
+}
+
+impl fmt::Display for Help {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.text)?;
+        if self.flags.is_empty() {
+            return Ok(());
+        }
+        let width = self
+            .flags
+            .iter()
+            .map(|f| f.usage().len())
+            .max()
+            .unwrap_or_default();
+        f.write_str("\nFlags:\n")?;
+        for flag in self.flags {
+            let mut lines = flag.about.lines();
+            let first = lines.next().unwrap_or_default();
+            writeln!(f, "  {:width$}  {first}", flag.usage())?;
+            for line in lines {
+                writeln!(f, "{:indent$}{line}", "", indent = width + 4)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The global flags are listed in the text: `parse` reads them in its own loop, and
+/// `GLOBAL_FLAGS` names them for their one-dash spelling.
+static HELP: Help = Help {
+    text: "\
 oam-docker-ipam: Docker IPAM plugin with address pools in etcd
 
 Usage: oam-docker-ipam [GLOBAL FLAGS] COMMAND [FLAGS]
@@ -69,20 +143,26 @@ Each [env NAME] may also be set as NAME=value in the settings file, which the
 service reads too. The password is never taken from the command line.
 Flags may also be written with one dash (-cluster-store=URL, -ip-start A/N), as the
 original tool accepted them.
-";
+",
+    flags: &[],
+};
 
-const SERVER_HELP: &str = "\
+static SERVER_HELP: Help = Help {
+    text: "\
 Usage: oam-docker-ipam [GLOBAL FLAGS] server [--socket PATH]
 
 Serve Docker's remote IPAM protocol. The driver name is the socket's file name
 without .sock. Under systemd socket activation the inherited socket is served.
+",
+    flags: &[Flag::value(
+        "socket",
+        "PATH",
+        "Unix socket to listen on\n(default /run/docker/plugins/talkingdata.sock)",
+    )],
+};
 
-Flags:
-  --socket PATH  Unix socket to listen on
-                 (default /run/docker/plugins/talkingdata.sock)
-";
-
-const IP_RANGE_HELP: &str = "\
+static IP_RANGE_HELP: Help = Help {
+    text: "\
 Usage: oam-docker-ipam [GLOBAL FLAGS] ip-range --ip-start A/N --ip-end B/N [--remove]
 
 Add every address from A to B (both in the same /N network) to that network's
@@ -92,25 +172,37 @@ hosts' gateway are not pooled. Running it again changes nothing.
 With --remove, take the free addresses from A to B out of the pool instead;
 refused, naming them, if any of them is in use. When no address of the
 network would be left, its config goes first, so Docker cannot use the pool.
+",
+    flags: &[
+        Flag::value(
+            "ip-start",
+            "A/N",
+            "first address of the range, with its prefix length",
+        ),
+        Flag::value(
+            "ip-end",
+            "B/N",
+            "last address of the range, with the same prefix length",
+        ),
+        Flag::switch("remove", "take the range out of the pool"),
+    ],
+};
 
-Flags:
-  --ip-start A/N  first address of the range, with its prefix length
-  --ip-end B/N    last address of the range, with the same prefix length
-  --remove        take the range out of the pool
-";
-
-const RELEASE_IP_HELP: &str = "\
+static RELEASE_IP_HELP: Help = Help {
+    text: "\
 Usage: oam-docker-ipam [GLOBAL FLAGS] release-ip --ip A/N [--force]
 
 Give an address back to the pool of its network. An address recorded for a
 container is refused, naming its holder, unless --force.
+",
+    flags: &[
+        Flag::value("ip", "A/N", "the address, with its network's prefix length"),
+        Flag::switch("force", "release it even if a container holds it"),
+    ],
+};
 
-Flags:
-  --ip A/N  the address, with its network's prefix length
-  --force   release it even if a container holds it
-";
-
-const HOST_RANGE_HELP: &str = "\
+static HOST_RANGE_HELP: Help = Help {
+    text: "\
 Usage: oam-docker-ipam [GLOBAL FLAGS] host-range --ip-start A/N --ip-end B/N --gateway G
        [--force | --remove]
 
@@ -122,27 +214,43 @@ changed.
 With --remove, take the free addresses from A to B out of the host pool instead
 (--gateway may then be left out); refused, naming them, if any is in use. When
 no host address would be left, the hosts' config goes first.
+",
+    flags: &[
+        Flag::value(
+            "ip-start",
+            "A/N",
+            "first host address, with its prefix length",
+        ),
+        Flag::value(
+            "ip-end",
+            "B/N",
+            "last host address, with the same prefix length",
+        ),
+        Flag::value("gateway", "G", "the hosts' router"),
+        Flag::switch("force", "change the recorded gateway to G"),
+        Flag::switch("remove", "take the range out of the host pool"),
+    ],
+};
 
-Flags:
-  --ip-start A/N  first host address, with its prefix length
-  --ip-end B/N    last host address, with the same prefix length
-  --gateway G     the hosts' router
-  --force         change the recorded gateway to G
-  --remove        take the range out of the host pool
-";
-
-const RELEASE_HOST_HELP: &str = "\
+static RELEASE_HOST_HELP: Help = Help {
+    text: "\
 Usage: oam-docker-ipam [GLOBAL FLAGS] release-host --ip A[/N] [--force]
 
 Give a host address back to the host pool. An address recorded as a host's own
 is refused, naming the host, unless --force.
+",
+    flags: &[
+        Flag::value(
+            "ip",
+            "A[/N]",
+            "the host address (a prefix length, if given, must be the hosts')",
+        ),
+        Flag::switch("force", "release it even if a host holds it as its own"),
+    ],
+};
 
-Flags:
-  --ip A[/N]  the host address (a prefix length, if given, must be the hosts')
-  --force     release it even if a host holds it as its own
-";
-
-const SHOW_HELP: &str = "\
+static SHOW_HELP: Help = Help {
+    text: "\
 Usage: oam-docker-ipam [GLOBAL FLAGS] show [--json] [--ip A] [NETWORK]
 
 List every pool (the hosts' and each container network's): its range, size,
@@ -150,13 +258,15 @@ free addresses, and those in use by containers or hosts, reserved (gateway or
 aux address) or held by the original tool. With NETWORK (a container network
 as A.B.C.D/N or its network address, or hosts), also each address in use and
 its holder (role, host, MAC, since). With --ip, where A is and who holds it.
+",
+    flags: &[
+        Flag::switch("json", "print JSON (documented in the README and man page)"),
+        Flag::value("ip", "A", "show the address A in every pool that has it"),
+    ],
+};
 
-Flags:
-  --json  print JSON (documented in the README and man page)
-  --ip A  show the address A in every pool that has it
-";
-
-const CHECK_HELP: &str = "\
+static CHECK_HELP: Help = Help {
+    text: "\
 Usage: oam-docker-ipam [GLOBAL FLAGS] check [--json]
 
 Check the pools' invariants in one consistent read of etcd: pool/ and assigned/
@@ -165,12 +275,15 @@ gateway never pooled; configs present and parseable; owner records parseable;
 the host pool and container pools apart. Prints one line per violation naming
 the key, and notes on reserved addresses. Exit status 0 when all hold, 1 if not.
 Changes nothing.
+",
+    flags: &[Flag::switch(
+        "json",
+        "print JSON (documented in the README and man page)",
+    )],
+};
 
-Flags:
-  --json  print JSON (documented in the README and man page)
-";
-
-const RECONCILE_HELP: &str = "\
+static RECONCILE_HELP: Help = Help {
+    text: "\
 Usage: oam-docker-ipam [GLOBAL FLAGS] reconcile [--apply]
 
 On a Docker host: compare the endpoints of this host's networks whose IPAM
@@ -180,13 +293,16 @@ this host, no endpoint has them), orphaned ones (an endpoint has an address
 etcd has free), conflicting ones (an endpoint has an address etcd records for
 another holder) and the original tool's records a local endpoint has. Without
 --apply nothing changes and the exit status is 1 if anything was found.
+",
+    flags: &[Flag::switch(
+        "apply",
+        "free leaked addresses, record orphaned ones and adopt the original's\n\
+         for their endpoint (each a compare-and-swap); conflicts are reported",
+    )],
+};
 
-Flags:
-  --apply  free leaked addresses, record orphaned ones and adopt the original's
-           for their endpoint (each a compare-and-swap); conflicts are reported
-";
-
-const MIGRATE_V2_HELP: &str = "\
+static MIGRATE_V2_HELP: Help = Help {
+    text: "\
 Usage: oam-docker-ipam [GLOBAL FLAGS] migrate-v2 [--dry-run]
 
 Read the original tool's pools from etcd's v2 keyspace (etcd 3.3 to 3.5 started
@@ -195,36 +311,73 @@ free addresses, and the addresses the original assigned (recorded as held by
 the original, so they are never handed out again until Docker releases them).
 The v2 data is never changed. Running it again changes nothing; where v3
 already holds something that disagrees, it refuses, naming each key.
+",
+    flags: &[Flag::switch(
+        "dry-run",
+        "print what would be written and change nothing",
+    )],
+};
 
-Flags:
-  --dry-run  print what would be written and change nothing
-";
-
-const CREATE_NETWORK_HELP: &str = "\
+static CREATE_NETWORK_HELP: Help = Help {
+    text: "\
 Usage: oam-docker-ipam [GLOBAL FLAGS] create-network [FLAGS]
 
 Take this host's address from the host pool, create the Docker network with the
 talkingdata IPAM driver, write ifcfg-br0 and enslave the physical interface to
 it, then restart the network service. On failure every step done is undone.
+",
+    flags: &[
+        Flag::value("ip", "A", "this host's address (default: any free one)"),
+        Flag::value("name", "NAME", "Docker network name (default mynet)"),
+        Flag::value("bridge", "NAME", "bridge device (default br0)"),
+        Flag::value("mtu", "N", "MTU of the bridge (default 1500)"),
+        Flag::value(
+            "interface",
+            "NAME",
+            "physical interface to enslave (default: the interface of\n\
+             the route to the hosts' gateway)",
+        ),
+        Flag::value(
+            "ifcfg-dir",
+            "DIR",
+            "ifcfg directory (default /etc/sysconfig/network-scripts)",
+        ),
+        Flag::switch(
+            "force",
+            "replace an existing, different ifcfg file of the bridge",
+        ),
+        Flag::switch(
+            "no-restart",
+            "do not stop NetworkManager nor restart the network service",
+        ),
+        Flag::switch("dry-run", "print every step and change nothing"),
+    ],
+};
 
-Flags:
-  --ip A             this host's address (default: any free one)
-  --name NAME        Docker network name (default mynet)
-  --bridge NAME      bridge device (default br0)
-  --mtu N            MTU of the bridge (default 1500)
-  --interface NAME   physical interface to enslave (default: the interface of
-                     the route to the hosts' gateway)
-  --ifcfg-dir DIR    ifcfg directory (default /etc/sysconfig/network-scripts)
-  --force            replace an existing, different ifcfg file of the bridge
-  --no-restart       do not stop NetworkManager nor restart the network service
-  --dry-run          print every step and change nothing
-";
-
-const HELP_HELP: &str = "\
+static HELP_HELP: Help = Help {
+    text: "\
 Usage: oam-docker-ipam help [COMMAND]
 
 Print the help, or COMMAND's help (the same as COMMAND --help). Also: h [COMMAND].
-";
+",
+    flags: &[],
+};
+
+/// Each command's name and help, for `help COMMAND`.
+static COMMANDS: &[(&str, &Help)] = &[
+    ("server", &SERVER_HELP),
+    ("ip-range", &IP_RANGE_HELP),
+    ("release-ip", &RELEASE_IP_HELP),
+    ("host-range", &HOST_RANGE_HELP),
+    ("release-host", &RELEASE_HOST_HELP),
+    ("create-network", &CREATE_NETWORK_HELP),
+    ("migrate-v2", &MIGRATE_V2_HELP),
+    ("show", &SHOW_HELP),
+    ("check", &CHECK_HELP),
+    ("reconcile", &RECONCILE_HELP),
+    ("help", &HELP_HELP),
+    ("h", &HELP_HELP),
+];
 
 /// Why the command line was refused. Exit status 2.
 #[derive(Debug)]
@@ -357,7 +510,7 @@ pub struct ShowFlags {
 /// What to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
-    Help(&'static str),
+    Help(&'static Help),
     Version,
     Server {
         socket: PathBuf,
@@ -406,9 +559,9 @@ pub enum Command {
     },
 }
 
-/// Every long flag, global or a command's: the names the original's CLI library also took
-/// with a single dash.
-const LONG_FLAGS: &[&str] = &[
+/// The long flags besides the commands' (which their helps list): the global ones, `--help`
+/// and `--version`.
+const GLOBAL_FLAGS: &[&str] = &[
     "cluster-store",
     "store-prefix",
     "timeout",
@@ -420,26 +573,18 @@ const LONG_FLAGS: &[&str] = &[
     "user",
     "password-file",
     "password",
+    "host-id",
     "help",
     "version",
-    "socket",
-    "ip-start",
-    "ip-end",
-    "gateway",
-    "ip",
-    "name",
-    "bridge",
-    "mtu",
-    "interface",
-    "ifcfg-dir",
-    "force",
-    "no-restart",
-    "dry-run",
-    "host-id",
-    "remove",
-    "json",
-    "apply",
 ];
+
+/// Whether `name` is a long flag, global or any command's.
+fn is_long_flag(name: &str) -> bool {
+    GLOBAL_FLAGS.contains(&name)
+        || COMMANDS
+            .iter()
+            .any(|(_, help)| help.flags.iter().any(|flag| flag.name == name))
+}
 
 /// `-cluster-store=URL` → `--cluster-store=URL`: the original's CLI library (urfave/cli)
 /// took long flags with one dash, and scripts written for it do so.
@@ -449,7 +594,7 @@ fn double_dash(arg: OsString) -> OsString {
     };
     let name = text.strip_prefix('-').filter(|rest| !rest.starts_with('-'));
     match name.map(|n| n.split('=').next().unwrap_or(n)) {
-        Some(name) if name.len() > 1 && LONG_FLAGS.contains(&name) => format!("-{text}").into(),
+        Some(name) if name.len() > 1 && is_long_flag(name) => format!("-{text}").into(),
         _ => arg,
     }
 }
@@ -589,7 +734,9 @@ pub fn parse(
             }
             // Never echo what follows: it is a password.
             Some(Long("password")) => return Err(UsageError::PasswordOnCommandLine),
-            Some(Short('h') | Long("help")) => return Ok((global_defaults(), Command::Help(HELP))),
+            Some(Short('h') | Long("help")) => {
+                return Ok((global_defaults(), Command::Help(&HELP)))
+            }
             Some(Short('V' | 'v') | Long("version")) => {
                 return Ok((global_defaults(), Command::Version))
             }
@@ -765,31 +912,20 @@ fn resolve(flags: GlobalFlags, sources: &Sources, file: &ConfigFile) -> Result<G
 /// `help [COMMAND]` (or `h`), as the original's CLI library had it.
 fn parse_help(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
     let Some(arg) = parser.next()? else {
-        return Ok(Command::Help(HELP));
+        return Ok(Command::Help(&HELP));
     };
     let name = match arg {
         Value(name) => text(name, "command")?,
-        Short('h') | Long("help") => return Ok(Command::Help(HELP_HELP)),
+        Short('h') | Long("help") => return Ok(Command::Help(&HELP_HELP)),
         other => return Err(other.unexpected().into()),
     };
     if let Some(extra) = parser.next()? {
         return Err(extra.unexpected().into());
     }
-    let help = match name.as_str() {
-        "server" => SERVER_HELP,
-        "ip-range" => IP_RANGE_HELP,
-        "release-ip" => RELEASE_IP_HELP,
-        "host-range" => HOST_RANGE_HELP,
-        "release-host" => RELEASE_HOST_HELP,
-        "create-network" => CREATE_NETWORK_HELP,
-        "migrate-v2" => MIGRATE_V2_HELP,
-        "show" => SHOW_HELP,
-        "check" => CHECK_HELP,
-        "reconcile" => RECONCILE_HELP,
-        "help" | "h" => HELP_HELP,
-        _ => return Err(UsageError::UnknownCommand(name)),
-    };
-    Ok(Command::Help(help))
+    match COMMANDS.iter().find(|(command, _)| *command == name) {
+        Some((_, help)) => Ok(Command::Help(help)),
+        None => Err(UsageError::UnknownCommand(name)),
+    }
 }
 
 fn global_defaults() -> Global {
@@ -913,58 +1049,16 @@ fn parse_prefix(prefix: &str) -> Result<String, UsageError> {
     Ok(trimmed.to_string())
 }
 
-/// Collects `--flag VALUE` pairs of a command; `--help` anywhere wins.
-struct CommandFlags {
-    values: Vec<(&'static str, String)>,
-    switches: Vec<&'static str>,
-    help: bool,
-}
+// Each command reads its flags in its own loop, as typed, and checks them after the loop: so
+// the last of a repeated flag counts, and `--help` anywhere wins over a value that would be
+// refused, though not over a flag that cannot be read at all. `show` checks as it goes.
 
-impl CommandFlags {
-    fn read(
-        parser: &mut lexopt::Parser,
-        valued: &[&'static str],
-        switches: &[&'static str],
-    ) -> Result<CommandFlags, UsageError> {
-        let mut flags = CommandFlags {
-            values: Vec::new(),
-            switches: Vec::new(),
-            help: false,
-        };
-        while let Some(arg) = parser.next()? {
-            match arg {
-                Short('h') | Long("help") => flags.help = true,
-                Long(name) => {
-                    if let Some(flag) = valued.iter().find(|f| f[2..] == *name) {
-                        let value = text(parser.value()?, flag)?;
-                        flags.values.retain(|(f, _)| f != flag);
-                        flags.values.push((flag, value));
-                    } else if let Some(flag) = switches.iter().find(|f| f[2..] == *name) {
-                        flags.switches.push(flag);
-                    } else {
-                        return Err(Long(name).unexpected().into());
-                    }
-                }
-                other => return Err(other.unexpected().into()),
-            }
-        }
-        Ok(flags)
-    }
-
-    fn get(&self, flag: &str) -> Option<&str> {
-        self.values
-            .iter()
-            .find(|(f, _)| *f == flag)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn need(&self, command: &'static str, flag: &'static str) -> Result<&str, UsageError> {
-        self.get(flag).ok_or(UsageError::Missing { command, flag })
-    }
-
-    fn switch(&self, flag: &str) -> bool {
-        self.switches.contains(&flag)
-    }
+fn need(
+    value: Option<String>,
+    command: &'static str,
+    flag: &'static str,
+) -> Result<String, UsageError> {
+    value.ok_or(UsageError::Missing { command, flag })
 }
 
 fn addr_flag<T>(flag: &'static str, result: Result<T, AddrError>) -> Result<T, UsageError> {
@@ -972,11 +1066,18 @@ fn addr_flag<T>(flag: &'static str, result: Result<T, AddrError>) -> Result<T, U
 }
 
 fn parse_server(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(parser, &["--socket"], &[])?;
-    if flags.help {
-        return Ok(Command::Help(SERVER_HELP));
+    let (mut help, mut socket) = (false, None);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => help = true,
+            Long("socket") => socket = Some(text(parser.value()?, "--socket")?),
+            other => return Err(other.unexpected().into()),
+        }
     }
-    let socket = PathBuf::from(flags.get("--socket").unwrap_or(DEFAULT_SOCKET));
+    if help {
+        return Ok(Command::Help(&SERVER_HELP));
+    }
+    let socket = PathBuf::from(socket.as_deref().unwrap_or(DEFAULT_SOCKET));
     if socket.file_stem().is_none() {
         return Err(UsageError::Invalid {
             flag: "--socket",
@@ -987,37 +1088,57 @@ fn parse_server(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
     Ok(Command::Server { socket })
 }
 
-fn parse_range(flags: &CommandFlags, command: &'static str) -> Result<AddrRange, UsageError> {
-    let start = flags.need(command, "--ip-start")?;
-    let end = flags.need(command, "--ip-end")?;
-    addr_flag("--ip-start", addr::parse_cidr(start))?;
-    addr_flag("--ip-end", addr::parse_cidr(end))?;
-    addr_flag("--ip-start/--ip-end", AddrRange::parse(start, end))
+fn parse_range(
+    command: &'static str,
+    start: Option<String>,
+    end: Option<String>,
+) -> Result<AddrRange, UsageError> {
+    let start = need(start, command, "--ip-start")?;
+    let end = need(end, command, "--ip-end")?;
+    addr_flag("--ip-start", addr::parse_cidr(&start))?;
+    addr_flag("--ip-end", addr::parse_cidr(&end))?;
+    addr_flag("--ip-start/--ip-end", AddrRange::parse(&start, &end))
 }
 
 fn parse_ip_range(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(parser, &["--ip-start", "--ip-end"], &["--remove"])?;
-    if flags.help {
-        return Ok(Command::Help(IP_RANGE_HELP));
+    let (mut help, mut start, mut end, mut remove) = (false, None, None, false);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => help = true,
+            Long("ip-start") => start = Some(text(parser.value()?, "--ip-start")?),
+            Long("ip-end") => end = Some(text(parser.value()?, "--ip-end")?),
+            Long("remove") => remove = true,
+            other => return Err(other.unexpected().into()),
+        }
     }
-    let range = parse_range(&flags, "ip-range")?;
-    if flags.switch("--remove") {
+    if help {
+        return Ok(Command::Help(&IP_RANGE_HELP));
+    }
+    let range = parse_range("ip-range", start, end)?;
+    if remove {
         return Ok(Command::RemoveIpRange { range });
     }
     Ok(Command::IpRange { range })
 }
 
 fn parse_host_range(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(
-        parser,
-        &["--ip-start", "--ip-end", "--gateway"],
-        &["--force", "--remove"],
-    )?;
-    if flags.help {
-        return Ok(Command::Help(HOST_RANGE_HELP));
+    let (mut help, mut start, mut end, mut gateway) = (false, None, None, None);
+    let (mut force, mut remove) = (false, false);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => help = true,
+            Long("ip-start") => start = Some(text(parser.value()?, "--ip-start")?),
+            Long("ip-end") => end = Some(text(parser.value()?, "--ip-end")?),
+            Long("gateway") => gateway = Some(text(parser.value()?, "--gateway")?),
+            Long("force") => force = true,
+            Long("remove") => remove = true,
+            other => return Err(other.unexpected().into()),
+        }
     }
-    let range = parse_range(&flags, "host-range")?;
-    let (force, remove) = (flags.switch("--force"), flags.switch("--remove"));
+    if help {
+        return Ok(Command::Help(&HOST_RANGE_HELP));
+    }
+    let range = parse_range("host-range", start, end)?;
     if force && remove {
         return Err(UsageError::Invalid {
             flag: "--force",
@@ -1026,16 +1147,14 @@ fn parse_host_range(parser: &mut lexopt::Parser) -> Result<Command, UsageError> 
         });
     }
     if remove {
-        let gateway = match flags.get("--gateway") {
-            Some(g) => Some(addr_flag("--gateway", addr::parse_addr(g))?),
+        let gateway = match gateway {
+            Some(g) => Some(addr_flag("--gateway", addr::parse_addr(&g))?),
             None => None,
         };
         return Ok(Command::RemoveHostRange { range, gateway });
     }
-    let gateway = addr_flag(
-        "--gateway",
-        addr::parse_addr(flags.need("host-range", "--gateway")?),
-    )?;
+    let gateway = need(gateway, "host-range", "--gateway")?;
+    let gateway = addr_flag("--gateway", addr::parse_addr(&gateway))?;
     Ok(Command::HostRange {
         range,
         gateway,
@@ -1064,7 +1183,7 @@ fn parse_show(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
     };
     while let Some(arg) = parser.next()? {
         match arg {
-            Short('h') | Long("help") => return Ok(Command::Help(SHOW_HELP)),
+            Short('h') | Long("help") => return Ok(Command::Help(&SHOW_HELP)),
             Long("json") => show.json = true,
             Long("ip") => {
                 let v = text(parser.value()?, "--ip")?;
@@ -1098,31 +1217,50 @@ fn parse_pool_name(value: &str) -> Result<PoolName, UsageError> {
 }
 
 fn parse_check(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(parser, &[], &["--json"])?;
-    if flags.help {
-        return Ok(Command::Help(CHECK_HELP));
+    let (mut help, mut json) = (false, false);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => help = true,
+            Long("json") => json = true,
+            other => return Err(other.unexpected().into()),
+        }
     }
-    Ok(Command::Check {
-        json: flags.switch("--json"),
-    })
+    if help {
+        return Ok(Command::Help(&CHECK_HELP));
+    }
+    Ok(Command::Check { json })
 }
 
 fn parse_reconcile(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(parser, &[], &["--apply"])?;
-    if flags.help {
-        return Ok(Command::Help(RECONCILE_HELP));
+    let (mut help, mut apply) = (false, false);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => help = true,
+            Long("apply") => apply = true,
+            other => return Err(other.unexpected().into()),
+        }
     }
-    Ok(Command::Reconcile {
-        apply: flags.switch("--apply"),
-    })
+    if help {
+        return Ok(Command::Help(&RECONCILE_HELP));
+    }
+    Ok(Command::Reconcile { apply })
 }
 
 fn parse_release_ip(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(parser, &["--ip"], &["--force"])?;
-    if flags.help {
-        return Ok(Command::Help(RELEASE_IP_HELP));
+    let (mut help, mut ip, mut force) = (false, None, false);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => help = true,
+            Long("ip") => ip = Some(text(parser.value()?, "--ip")?),
+            Long("force") => force = true,
+            other => return Err(other.unexpected().into()),
+        }
     }
-    let cidr = addr_flag("--ip", addr::parse_cidr(flags.need("release-ip", "--ip")?))?;
+    if help {
+        return Ok(Command::Help(&RELEASE_IP_HELP));
+    }
+    let ip = need(ip, "release-ip", "--ip")?;
+    let cidr = addr_flag("--ip", addr::parse_cidr(&ip))?;
     let net = cidr.trunc();
     if !addr::is_host_of(cidr.addr(), net) {
         return Err(UsageError::Addr {
@@ -1133,38 +1271,51 @@ fn parse_release_ip(parser: &mut lexopt::Parser) -> Result<Command, UsageError> 
     Ok(Command::ReleaseIp {
         addr: cidr.addr(),
         net,
-        force: flags.switch("--force"),
+        force,
     })
 }
 
 fn parse_release_host(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(parser, &["--ip"], &["--force"])?;
-    if flags.help {
-        return Ok(Command::Help(RELEASE_HOST_HELP));
+    let (mut help, mut ip, mut force) = (false, None, false);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => help = true,
+            Long("ip") => ip = Some(text(parser.value()?, "--ip")?),
+            Long("force") => force = true,
+            other => return Err(other.unexpected().into()),
+        }
     }
-    let ip = flags.need("release-host", "--ip")?;
+    if help {
+        return Ok(Command::Help(&RELEASE_HOST_HELP));
+    }
+    let ip = need(ip, "release-host", "--ip")?;
     // The original took the host address with its prefix length, like release-ip.
     let (addr, prefix_len) = if ip.contains('/') {
-        let cidr = addr_flag("--ip", addr::parse_cidr(ip))?;
+        let cidr = addr_flag("--ip", addr::parse_cidr(&ip))?;
         (cidr.addr(), Some(cidr.prefix_len()))
     } else {
-        (addr_flag("--ip", addr::parse_addr(ip))?, None)
+        (addr_flag("--ip", addr::parse_addr(&ip))?, None)
     };
     Ok(Command::ReleaseHost {
         addr,
         prefix_len,
-        force: flags.switch("--force"),
+        force,
     })
 }
 
 fn parse_migrate_v2(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(parser, &[], &["--dry-run"])?;
-    if flags.help {
-        return Ok(Command::Help(MIGRATE_V2_HELP));
+    let (mut help, mut dry_run) = (false, false);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => help = true,
+            Long("dry-run") => dry_run = true,
+            other => return Err(other.unexpected().into()),
+        }
     }
-    Ok(Command::MigrateV2 {
-        dry_run: flags.switch("--dry-run"),
-    })
+    if help {
+        return Ok(Command::Help(&MIGRATE_V2_HELP));
+    }
+    Ok(Command::MigrateV2 { dry_run })
 }
 
 /// Interface and bridge names as the kernel takes them: 1 to 15 bytes, no `/`, space or `:`.
@@ -1186,27 +1337,46 @@ fn parse_ifname(flag: &'static str, value: &str) -> Result<String, UsageError> {
     Ok(value.into())
 }
 
+/// `create-network`'s flags as typed.
+#[derive(Default)]
+struct NetworkArgs {
+    help: bool,
+    ip: Option<String>,
+    name: Option<String>,
+    bridge: Option<String>,
+    mtu: Option<String>,
+    interface: Option<String>,
+    ifcfg_dir: Option<String>,
+    force: bool,
+    no_restart: bool,
+    dry_run: bool,
+}
+
 fn parse_create_network(parser: &mut lexopt::Parser) -> Result<Command, UsageError> {
-    let flags = CommandFlags::read(
-        parser,
-        &[
-            "--ip",
-            "--name",
-            "--bridge",
-            "--mtu",
-            "--interface",
-            "--ifcfg-dir",
-        ],
-        &["--force", "--no-restart", "--dry-run"],
-    )?;
-    if flags.help {
-        return Ok(Command::Help(CREATE_NETWORK_HELP));
+    let mut args = NetworkArgs::default();
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => args.help = true,
+            Long("ip") => args.ip = Some(text(parser.value()?, "--ip")?),
+            Long("name") => args.name = Some(text(parser.value()?, "--name")?),
+            Long("bridge") => args.bridge = Some(text(parser.value()?, "--bridge")?),
+            Long("mtu") => args.mtu = Some(text(parser.value()?, "--mtu")?),
+            Long("interface") => args.interface = Some(text(parser.value()?, "--interface")?),
+            Long("ifcfg-dir") => args.ifcfg_dir = Some(text(parser.value()?, "--ifcfg-dir")?),
+            Long("force") => args.force = true,
+            Long("no-restart") => args.no_restart = true,
+            Long("dry-run") => args.dry_run = true,
+            other => return Err(other.unexpected().into()),
+        }
     }
-    let ip = match flags.get("--ip") {
-        Some(v) => Some(addr_flag("--ip", addr::parse_addr(v))?),
+    if args.help {
+        return Ok(Command::Help(&CREATE_NETWORK_HELP));
+    }
+    let ip = match args.ip {
+        Some(v) => Some(addr_flag("--ip", addr::parse_addr(&v))?),
         None => None,
     };
-    let name = flags.get("--name").unwrap_or(DEFAULT_NETWORK).to_string();
+    let name = args.name.unwrap_or_else(|| DEFAULT_NETWORK.into());
     let name_ok = !name.is_empty()
         && name
             .chars()
@@ -1219,25 +1389,25 @@ fn parse_create_network(parser: &mut lexopt::Parser) -> Result<Command, UsageErr
             reason: "expected letters, digits, '-', '_' or '.'".into(),
         });
     }
-    let bridge = parse_ifname("--bridge", flags.get("--bridge").unwrap_or(DEFAULT_BRIDGE))?;
-    let mtu = match flags.get("--mtu") {
+    let bridge = parse_ifname("--bridge", args.bridge.as_deref().unwrap_or(DEFAULT_BRIDGE))?;
+    let mtu = match args.mtu {
         None => DEFAULT_MTU,
         Some(v) => match v.trim().parse::<u32>() {
             Ok(m) if (68..=65535).contains(&m) => m,
             _ => {
                 return Err(UsageError::Invalid {
                     flag: "--mtu",
-                    value: v.into(),
+                    value: v,
                     reason: "expected a number from 68 to 65535".into(),
                 })
             }
         },
     };
-    let interface = match flags.get("--interface") {
-        Some(v) => Some(parse_ifname("--interface", v)?),
+    let interface = match args.interface {
+        Some(v) => Some(parse_ifname("--interface", &v)?),
         None => None,
     };
-    let ifcfg_dir = PathBuf::from(flags.get("--ifcfg-dir").unwrap_or(DEFAULT_IFCFG_DIR));
+    let ifcfg_dir = PathBuf::from(args.ifcfg_dir.as_deref().unwrap_or(DEFAULT_IFCFG_DIR));
     Ok(Command::CreateNetwork(NetworkFlags {
         ip,
         name,
@@ -1245,9 +1415,9 @@ fn parse_create_network(parser: &mut lexopt::Parser) -> Result<Command, UsageErr
         mtu,
         interface,
         ifcfg_dir,
-        force: flags.switch("--force"),
-        no_restart: flags.switch("--no-restart"),
-        dry_run: flags.switch("--dry-run"),
+        force: args.force,
+        no_restart: args.no_restart,
+        dry_run: args.dry_run,
     }))
 }
 
@@ -1387,7 +1557,7 @@ mod tests {
             config: &broken,
         };
         let help = parse(["server".into(), "--help".into()], &sources).unwrap();
-        assert_eq!(help.1, Command::Help(SERVER_HELP));
+        assert_eq!(help.1, Command::Help(&SERVER_HELP));
         let err = parse(["server".into()], &sources).unwrap_err();
         assert_eq!(err.to_string(), "--config /x: unreadable");
     }
@@ -1526,14 +1696,14 @@ mod tests {
         assert!(matches!(c, Command::IpRange { .. }));
         assert_eq!(run(&["-v"]).unwrap().1, Command::Version);
         assert_eq!(run(&["-version"]).unwrap().1, Command::Version);
-        assert_eq!(run(&["h"]).unwrap().1, Command::Help(HELP));
+        assert_eq!(run(&["h"]).unwrap().1, Command::Help(&HELP));
         assert_eq!(
             run(&["help", "ip-range"]).unwrap().1,
-            Command::Help(IP_RANGE_HELP)
+            Command::Help(&IP_RANGE_HELP)
         );
         assert_eq!(
             run(&["h", "migrate-v2"]).unwrap().1,
-            Command::Help(MIGRATE_V2_HELP)
+            Command::Help(&MIGRATE_V2_HELP)
         );
         assert!(run(&["help", "frobnicate"]).is_err());
         assert_eq!(
@@ -1645,11 +1815,184 @@ mod tests {
 
     #[test]
     fn help_anywhere() {
-        assert_eq!(run(&["--help"]).unwrap().1, Command::Help(HELP));
+        assert_eq!(run(&["--help"]).unwrap().1, Command::Help(&HELP));
         assert_eq!(
             run(&["ip-range", "--help"]).unwrap().1,
-            Command::Help(IP_RANGE_HELP)
+            Command::Help(&IP_RANGE_HELP)
         );
         assert_eq!(run(&["-V"]).unwrap().1, Command::Version);
+    }
+
+    /// Every long flag: the global ones and each command's.
+    fn every_flag() -> Vec<&'static str> {
+        let mut all: Vec<&str> = GLOBAL_FLAGS.to_vec();
+        for (_, help) in COMMANDS {
+            all.extend(help.flags.iter().map(|flag| flag.name));
+        }
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    #[test]
+    fn each_command_takes_exactly_the_flags_its_help_lists() {
+        use lexopt::Error::{MissingValue, UnexpectedOption};
+        for (command, help) in COMMANDS {
+            assert_eq!(
+                run(&[command, "--help"]).unwrap().1,
+                Command::Help(help),
+                "{command}"
+            );
+            for name in every_flag().into_iter().filter(|name| *name != "help") {
+                let flag = format!("--{name}");
+                let listed = help.flags.iter().find(|f| f.name == name);
+                match (listed, run(&[command, &flag])) {
+                    (
+                        Some(Flag { value: Some(_), .. }),
+                        Err(UsageError::Parse(MissingValue { .. })),
+                    ) => {}
+                    // A switch: it leaves the --help after it to be read as such.
+                    (Some(Flag { value: None, .. }), _) => assert_eq!(
+                        run(&[command, &flag, "--help"]).unwrap().1,
+                        Command::Help(help),
+                        "{command} {flag}"
+                    ),
+                    (None, Err(UsageError::Parse(UnexpectedOption(_)))) => {}
+                    (listed, other) => {
+                        panic!("{command} {flag}: listed as {listed:?}, parsed as {other:?}")
+                    }
+                }
+                assert_eq!(
+                    format!("{:?}", run(&[command, &format!("-{name}")])),
+                    format!("{:?}", run(&[command, &flag])),
+                    "{command} -{name}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_global_flag_the_help_lists_may_be_written_with_one_dash() {
+        let listed = HELP
+            .text
+            .lines()
+            .filter(|line| line.starts_with("  -"))
+            .flat_map(|row| row.split_whitespace().take_while(|w| w.starts_with('-')))
+            .filter_map(|flag| flag.trim_end_matches(',').strip_prefix("--"));
+        for name in listed {
+            assert!(
+                GLOBAL_FLAGS.contains(&name),
+                "--{name} is not in GLOBAL_FLAGS"
+            );
+        }
+    }
+
+    #[test]
+    fn a_command_flag_mistake_is_named_on_one_line() {
+        let said = |args: &[&str]| run(args).unwrap_err().to_string();
+        assert_eq!(said(&["server", "--bogus"]), "invalid option '--bogus'");
+        assert_eq!(said(&["server", "-x"]), "invalid option '-x'");
+        // Another command's flag.
+        assert_eq!(said(&["check", "--apply"]), "invalid option '--apply'");
+        assert_eq!(said(&["reconcile", "--json"]), "invalid option '--json'");
+        assert_eq!(
+            said(&["server", "--ip", "192.0.2.1"]),
+            "invalid option '--ip'"
+        );
+        assert_eq!(
+            said(&["ip-range", "--ip-start"]),
+            "missing argument for option '--ip-start'"
+        );
+        assert_eq!(
+            said(&["create-network", "--mtu"]),
+            "missing argument for option '--mtu'"
+        );
+        assert_eq!(
+            said(&["migrate-v2", "--dry-run=yes"]),
+            "unexpected argument for option '--dry-run': \"yes\""
+        );
+        assert_eq!(said(&["check", "extra"]), "unexpected argument \"extra\"");
+        assert_eq!(
+            said(&["ip-range", "--ip-end", "192.0.2.9/24"]),
+            "ip-range needs --ip-start"
+        );
+        let range = ["--ip-start", "192.0.2.1/24", "--ip-end", "192.0.2.9/24"];
+        assert_eq!(
+            said(&[&["host-range"][..], &range].concat()),
+            "host-range needs --gateway"
+        );
+        assert_eq!(
+            said(&["create-network", "--mtu", "9"]),
+            "invalid --mtu \"9\": expected a number from 68 to 65535"
+        );
+        // --help wins over a value that would be refused, not over a flag that cannot be read.
+        assert_eq!(
+            run(&["create-network", "--mtu", "9", "--help"]).unwrap().1,
+            Command::Help(&CREATE_NETWORK_HELP)
+        );
+        assert_eq!(
+            said(&["server", "--help", "--bogus"]),
+            "invalid option '--bogus'"
+        );
+    }
+
+    #[test]
+    fn the_last_of_a_repeated_flag_counts() {
+        let (_, c) = run(&[
+            "create-network",
+            "--mtu",
+            "9",
+            "--name=a",
+            "--force",
+            "--mtu",
+            "9000",
+            "-name",
+            "b",
+            "--force",
+        ])
+        .unwrap();
+        let Command::CreateNetwork(flags) = c else {
+            panic!("{c:?}")
+        };
+        assert_eq!(
+            (flags.mtu, flags.name.as_str(), flags.force),
+            (9000, "b", true)
+        );
+        assert_eq!(
+            run(&["server", "--socket", "/a.sock", "--socket=/b.sock"])
+                .unwrap()
+                .1,
+            Command::Server {
+                socket: "/b.sock".into()
+            }
+        );
+        let (_, c) = run(&[
+            "ip-range",
+            "--ip-start",
+            "bad",
+            "--ip-end",
+            "192.0.2.9/24",
+            "--ip-start",
+            "192.0.2.1/24",
+        ])
+        .unwrap();
+        assert!(matches!(c, Command::IpRange { .. }), "{c:?}");
+    }
+
+    #[test]
+    fn help_lists_flags_in_one_column_after_the_text() {
+        static SAMPLE: Help = Help {
+            text: "Usage: x\n",
+            flags: &[
+                Flag::value("long-name", "VALUE", "first\nsecond"),
+                Flag::switch("on", "a switch"),
+            ],
+        };
+        assert_eq!(
+            SAMPLE.to_string(),
+            "Usage: x\n\nFlags:\n  --long-name VALUE  first\n                     second\n  \
+             --on               a switch\n"
+        );
+        assert_eq!(HELP_HELP.to_string(), HELP_HELP.text);
     }
 }
