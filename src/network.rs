@@ -1,26 +1,24 @@
 //! `create-network`: take this host's address, create the Docker network, write the CentOS
-//! bridge config, apply it; each step undone again if a later one fails.
+//! bridge config, apply it; each step undone again if a later one fails. The host itself
+//! (Docker, `ip`, `systemctl`, the ifcfg directory, the clock) is reached only through
+//! [`HostSystem`], the pools only through the allocator and `pools`.
 
 use std::fmt;
-use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use ipnet::Ipv4Net;
 
-use crate::alloc::{AllocError, Allocator};
+use crate::alloc::{AllocError, Allocator, Record};
 use crate::cli::NetworkFlags;
-use crate::kv::{KeyValue, Kv, Range, StoreError};
-use crate::layout::{
-    describe_holder, ContainerConfig, HostIdentity, HostMatch, HostsConfig, Layout, Owner,
-    PoolKeys, Role,
-};
-
-/// The IPAM driver name Docker finds the plugin by (the socket's file name).
-pub const IPAM_DRIVER: &str = "talkingdata";
+use crate::docker::{self, NetworkSpec};
+use crate::hostnet::Service;
+use crate::ifcfg;
+use crate::kv::{KeyValue, Kv, StoreError};
+use crate::layout::{describe_holder, HostIdentity, HostMatch, Layout, Owner, PoolKeys, Role};
+use crate::pools::{self, ContainerNetwork, HostsNetwork};
+use crate::system::HostSystem;
 
 /// Why create-network stopped.
 #[derive(Debug)]
@@ -44,6 +42,11 @@ pub enum NetworkError {
     },
     /// A file exists with other content and `--force` was not given.
     FileDiffers(PathBuf),
+    /// A file to change could not be read.
+    Unreadable {
+        path: PathBuf,
+        error: io::Error,
+    },
     /// The ifcfg directory does not exist.
     NoIfcfgDir(PathBuf),
     /// The interface to enslave could not be found.
@@ -87,6 +90,9 @@ impl fmt::Display for NetworkError {
                 "{} exists with other content; use --force to replace it (a backup is kept)",
                 p.display()
             ),
+            NetworkError::Unreadable { path, error } => {
+                write!(f, "cannot read {}: {error}", path.display())
+            }
             NetworkError::NoIfcfgDir(p) => write!(f, "{} is not a directory", p.display()),
             NetworkError::NoInterface(why) => {
                 write!(
@@ -137,49 +143,17 @@ enum Done {
         ours: String,
     },
     CreatedNetwork(String),
+    /// Wrote the file `name` of the ifcfg directory; `backup` is the name of the copy of
+    /// what it held, if it existed.
     WroteFile {
-        path: PathBuf,
-        backup: Option<PathBuf>,
+        name: String,
+        backup: Option<String>,
     },
     StoppedNetworkManager,
 }
 
-/// What the bridge's ifcfg file says (seed 000's format).
-pub fn bridge_ifcfg(
-    bridge: &str,
-    addr: Ipv4Addr,
-    gateway: Ipv4Addr,
-    subnet: Ipv4Net,
-    mtu: u32,
-) -> String {
-    let mut text = format!(
-        "DEVICE={bridge}\nTYPE=Bridge\nBOOTPROTO=static\nIPADDR={addr}\nGATEWAY={gateway}\n\
-         NETMASK={}\nONBOOT=yes\nNOZEROCONF=yes\nIPV6INIT=no\nNM_CONTROLLED=no\nDELAY=0\n",
-        subnet.netmask()
-    );
-    if mtu != 1500 {
-        text.push_str(&format!("MTU={mtu}\n"));
-    }
-    text
-}
-
-/// The interface's ifcfg with `BRIDGE=<bridge>` (replacing another BRIDGE= line if any).
-pub fn enslaved_ifcfg(existing: Option<&str>, interface: &str, bridge: &str) -> String {
-    let Some(existing) = existing else {
-        return format!("DEVICE={interface}\nONBOOT=yes\nNM_CONTROLLED=no\nBRIDGE={bridge}\n");
-    };
-    let mut lines: Vec<String> = existing
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("BRIDGE="))
-        .map(str::to_string)
-        .collect();
-    lines.push(format!("BRIDGE={bridge}"));
-    lines.join("\n") + "\n"
-}
-
 /// What create-network will do, worked out before anything changes.
 struct Plan {
-    host: HostIdentity,
     subnet: Ipv4Net,
     gateway: Ipv4Addr,
     /// The host address this host holds already, if any.
@@ -190,48 +164,47 @@ struct Plan {
     /// bridge carries: the address is this host's, so its record is taken over.
     adopt: Option<KeyValue>,
     interface: String,
-    bridge_path: PathBuf,
-    iface_path: PathBuf,
+    /// The bridge's and the interface's file names in the ifcfg directory.
+    bridge_file: String,
+    iface_file: String,
     network_exists: bool,
 }
 
-/// Reads etcd and Docker and checks the flags; refuses before anything changes.
-fn plan<K: Kv>(
-    kv: &K,
+/// Reads etcd and the host and checks the flags; refuses before anything changes.
+fn plan<K: Kv, S: HostSystem>(
+    alloc: &Allocator<K>,
     layout: &Layout,
     flags: &NetworkFlags,
     me: &HostIdentity,
+    sys: &S,
 ) -> Result<Plan, NetworkError> {
-    let host = me.clone();
-    let stored = kv.range(&Range::key(layout.hosts_config()))?;
-    let value = stored
-        .first()
-        .map(|kv| kv.value.clone())
-        .ok_or(NetworkError::NoHostPool)?;
-    let (subnet, gateway) =
-        HostsConfig::parse(&value).ok_or_else(|| NetworkError::BadHostsConfig(value.clone()))?;
-    let container_config = kv.range(&Range::key(layout.container_config(subnet.network())))?;
-    let container_net = container_config
-        .first()
-        .and_then(|kv| ContainerConfig::parse(&kv.value));
-    if container_net != Some(subnet) {
-        return Err(NetworkError::NoContainerPool(subnet));
+    let hosts = layout.hosts();
+    let (subnet, gateway) = match pools::hosts_network(alloc.kv(), layout)? {
+        HostsNetwork::Defined { subnet, gateway } => (subnet, gateway),
+        HostsNetwork::Unusable(value) => return Err(NetworkError::BadHostsConfig(value)),
+        HostsNetwork::Undefined => return Err(NetworkError::NoHostPool),
+    };
+    match pools::container_network(alloc.kv(), layout, subnet.network())? {
+        ContainerNetwork::Defined(net) if net == subnet => {}
+        _ => return Err(NetworkError::NoContainerPool(subnet)),
     }
-    let held = held_by(kv, layout, me)?;
+    let held = held_by(alloc, &hosts, me)?;
     if let (Some(held), Some(asked)) = (held, flags.ip) {
         if held != asked {
             return Err(NetworkError::HoldsAnother { held, asked });
         }
     }
-    if !flags.ifcfg_dir.is_dir() {
+    if !sys.is_dir(&flags.ifcfg_dir) {
         return Err(NetworkError::NoIfcfgDir(flags.ifcfg_dir.clone()));
     }
     let interface = match &flags.interface {
         Some(i) => i.clone(),
-        None => route_interface(gateway)?,
+        None => sys
+            .route_interface(gateway)
+            .map_err(|e| NetworkError::NoInterface(e.to_string()))?,
     };
     // An existing network keeps its gateway: this host's address must be that one.
-    let existing_gateway = docker_network_gateway(&flags.name);
+    let existing_gateway = sys.docker_network(&flags.name);
     let differs = |detail: String| NetworkError::NetworkDiffers {
         name: flags.name.clone(),
         detail,
@@ -250,15 +223,15 @@ fn plan<K: Kv>(
     };
     let (wanted, adopt) = match (held, wanted) {
         (None, Some(addr)) => {
-            let record = original_record(kv, layout, addr)?
-                .filter(|_| bridge_addrs(&flags.bridge).contains(&addr));
+            let record = original_record(alloc, &hosts, addr)?
+                .filter(|_| sys.bridge_addrs(&flags.bridge).contains(&addr));
             (Some(addr), record)
         }
         // Without --ip, an address the original gave this host is still on its bridge.
         (None, None) => {
             let mut found = (None, None);
-            for addr in bridge_addrs(&flags.bridge) {
-                if let Some(record) = original_record(kv, layout, addr)? {
+            for addr in sys.bridge_addrs(&flags.bridge) {
+                if let Some(record) = original_record(alloc, &hosts, addr)? {
                     found = (Some(addr), Some(record));
                     break;
                 }
@@ -270,36 +243,48 @@ fn plan<K: Kv>(
     // The address to take must be free now: a dry run says what the real run would, and
     // the real run refuses before it changes anything.
     if let (None, Some(addr), None) = (held, wanted, &adopt) {
-        let hosts = layout.hosts();
-        if let Some(record) = kv.range(&Range::key(hosts.assigned(addr)))?.first() {
-            return Err(NetworkError::Alloc(AllocError::InUse {
-                addr,
-                holder: describe_holder(&record.value),
-            }));
-        }
-        if kv.range(&Range::key(hosts.pool(addr)))?.is_empty() {
-            return Err(NetworkError::Alloc(AllocError::NotInPool {
-                addr,
-                net: subnet,
-            }));
+        match alloc.record(&hosts, addr)? {
+            Record::Free => {}
+            Record::Held(record) => {
+                return Err(NetworkError::Alloc(AllocError::InUse {
+                    addr,
+                    holder: describe_holder(&record.value),
+                }))
+            }
+            Record::NotInPool => {
+                return Err(NetworkError::Alloc(AllocError::NotInPool {
+                    addr,
+                    net: subnet,
+                }))
+            }
         }
     }
     Ok(Plan {
-        host,
         subnet,
         gateway,
         held,
         wanted,
-        bridge_path: flags.ifcfg_dir.join(format!("ifcfg-{}", flags.bridge)),
-        iface_path: flags.ifcfg_dir.join(format!("ifcfg-{interface}")),
+        bridge_file: format!("ifcfg-{}", flags.bridge),
+        iface_file: format!("ifcfg-{interface}"),
         interface,
         network_exists: existing_gateway.is_some(),
         adopt,
     })
 }
 
-fn print_dry_run(plan: &Plan, flags: &NetworkFlags) {
-    let host = &plan.host.name;
+/// The Docker network create-network makes.
+fn spec(plan: &Plan, flags: &NetworkFlags) -> NetworkSpec {
+    NetworkSpec {
+        name: flags.name.clone(),
+        bridge: flags.bridge.clone(),
+        mtu: flags.mtu,
+        subnet: plan.subnet,
+        router: plan.gateway,
+    }
+}
+
+fn print_dry_run(plan: &Plan, flags: &NetworkFlags, me: &HostIdentity) {
+    let host = &me.name;
     match (plan.held, plan.wanted) {
         (Some(a), _) => println!("would keep {a}, which this host holds"),
         (None, Some(a)) if plan.adopt.is_some() => println!(
@@ -312,18 +297,18 @@ fn print_dry_run(plan: &Plan, flags: &NetworkFlags) {
     if plan.network_exists {
         println!("would keep the existing Docker network {}", flags.name);
     } else {
-        let args = network_args(flags, plan.subnet, "<host address>", plan.gateway);
+        let args = docker::create_args(&spec(plan, flags), "<host address>");
         println!("would run: docker {}", args.join(" "));
     }
     println!(
         "would write {} (bridge {} with the host address)",
-        plan.bridge_path.display(),
+        flags.ifcfg_dir.join(&plan.bridge_file).display(),
         flags.bridge
     );
     println!(
         "would add BRIDGE={} to {}",
         flags.bridge,
-        plan.iface_path.display()
+        flags.ifcfg_dir.join(&plan.iface_file).display()
     );
     if !flags.no_restart {
         println!(
@@ -333,25 +318,26 @@ fn print_dry_run(plan: &Plan, flags: &NetworkFlags) {
     }
 }
 
-/// Runs create-network; prints each step on stdout.
-pub fn create<K: Kv>(
+/// Runs create-network on `sys` with the pools in `kv`; prints each step on stdout.
+pub fn create<K: Kv, S: HostSystem>(
     kv: K,
     layout: &Layout,
     flags: &NetworkFlags,
     me: &HostIdentity,
+    sys: &mut S,
 ) -> Result<(), NetworkError> {
-    let plan = plan(&kv, layout, flags, me)?;
+    let mut alloc = Allocator::new(kv);
+    let plan = plan(&alloc, layout, flags, me, sys)?;
     if flags.dry_run {
-        print_dry_run(&plan, flags);
+        print_dry_run(&plan, flags, me);
         return Ok(());
     }
     let hosts = layout.hosts();
-    let mut alloc = Allocator::new(kv);
     let mut done = Vec::new();
-    match apply(&plan, flags, &mut alloc, &hosts, &mut done) {
+    match apply(&plan, flags, me, &mut alloc, &hosts, sys, &mut done) {
         Ok(()) => Ok(()),
         Err((step, error)) => {
-            let undone = undo(&mut alloc, &hosts, done);
+            let undone = undo(&mut alloc, &hosts, sys, &flags.ifcfg_dir, done);
             Err(NetworkError::Step {
                 step,
                 error,
@@ -362,11 +348,13 @@ pub fn create<K: Kv>(
 }
 
 /// Does the plan, recording in `done` each step that a later failure must undo.
-fn apply<K: Kv>(
+fn apply<K: Kv, S: HostSystem>(
     plan: &Plan,
     flags: &NetworkFlags,
+    me: &HostIdentity,
     alloc: &mut Allocator<K>,
     hosts: &PoolKeys,
+    sys: &mut S,
     done: &mut Vec<Done>,
 ) -> Result<(), (String, String)> {
     let addr = match plan.held {
@@ -375,7 +363,7 @@ fn apply<K: Kv>(
             addr
         }
         None => {
-            let owner = plan.host.owner(Role::Host, "", &crate::host::now());
+            let owner = me.owner(Role::Host, "", &sys.now());
             if let (Some(record), Some(addr)) = (&plan.adopt, plan.wanted) {
                 let ours = owner.to_json();
                 let adopted = alloc
@@ -414,60 +402,67 @@ fn apply<K: Kv>(
         }
     };
 
-    let bridge_text = bridge_ifcfg(&flags.bridge, addr, plan.gateway, plan.subnet, flags.mtu);
-    let existing_bridge =
-        read_optional(&plan.bridge_path).map_err(|e| step("reading the bridge config", e))?;
+    let dir = &flags.ifcfg_dir;
+    let bridge_path = dir.join(&plan.bridge_file);
+    let bridge_text = ifcfg::bridge_text(&flags.bridge, addr, plan.gateway, plan.subnet, flags.mtu);
+    let existing_bridge = sys
+        .read_file(dir, &plan.bridge_file)
+        .map_err(|e| step("reading the bridge config", e))?;
     if existing_bridge.as_deref().is_some_and(|t| t != bridge_text) && !flags.force {
-        let refusal = NetworkError::FileDiffers(plan.bridge_path.clone());
+        let refusal = NetworkError::FileDiffers(bridge_path);
         return Err(step("writing the bridge config", refusal));
     }
-    let existing_iface =
-        read_optional(&plan.iface_path).map_err(|e| step("reading the interface config", e))?;
-    let iface_text = enslaved_ifcfg(existing_iface.as_deref(), &plan.interface, &flags.bridge);
+    let existing_iface = sys
+        .read_file(dir, &plan.iface_file)
+        .map_err(|e| step("reading the interface config", e))?;
+    let iface_text =
+        ifcfg::enslaved_text(existing_iface.as_deref(), &plan.interface, &flags.bridge);
 
     if plan.network_exists {
         println!("Docker network {} exists already", flags.name);
     } else {
-        let args = network_args(flags, plan.subnet, &addr.to_string(), plan.gateway);
-        run("docker", &args).map_err(|e| step("docker network create", e))?;
+        sys.create_docker_network(&spec(plan, flags), addr)
+            .map_err(|e| step("docker network create", e))?;
         done.push(Done::CreatedNetwork(flags.name.clone()));
         println!("created Docker network {}", flags.name);
     }
 
-    for (path, text, existing) in [
-        (&plan.bridge_path, &bridge_text, existing_bridge),
-        (&plan.iface_path, &iface_text, existing_iface),
+    for (name, text, existing) in [
+        (&plan.bridge_file, &bridge_text, existing_bridge),
+        (&plan.iface_file, &iface_text, existing_iface),
     ] {
+        let path = dir.join(name);
         if existing.as_deref() == Some(text.as_str()) {
             println!("{} is up to date", path.display());
             continue;
         }
-        let backup = write_atomically(path, text, existing.is_some())
+        let backup = sys
+            .write_file(dir, name, text)
             .map_err(|e| step(&format!("writing {}", path.display()), e))?;
         match &backup {
             Some(b) => println!(
                 "wrote {} (the original is kept as {})",
                 path.display(),
-                b.display()
+                dir.join(b).display()
             ),
             None => println!("wrote {}", path.display()),
         }
         done.push(Done::WroteFile {
-            path: path.clone(),
+            name: name.clone(),
             backup,
         });
     }
 
     if !flags.no_restart {
-        if run("systemctl", &["is-active", "--quiet", "NetworkManager"]).is_ok() {
-            run("systemctl", &["stop", "NetworkManager"])
+        if sys.network_manager_active() {
+            sys.service(Service::StopNetworkManager)
                 .map_err(|e| step("stopping NetworkManager", e))?;
             done.push(Done::StoppedNetworkManager);
-            run("systemctl", &["disable", "NetworkManager"])
+            sys.service(Service::DisableNetworkManager)
                 .map_err(|e| step("disabling NetworkManager", e))?;
             println!("stopped and disabled NetworkManager");
         }
-        run("systemctl", &["restart", "network"])
+        sys.service(Service::RestartNetwork)
             .map_err(|e| step("restarting the network service", e))?;
         println!("restarted the network service");
     }
@@ -479,28 +474,32 @@ fn step(name: &str, error: impl fmt::Display) -> (String, String) {
 }
 
 /// Undoes `done` in reverse order; says what was undone and what could not be.
-fn undo<K: Kv>(alloc: &mut Allocator<K>, hosts: &PoolKeys, done: Vec<Done>) -> Vec<String> {
+fn undo<K: Kv, S: HostSystem>(
+    alloc: &mut Allocator<K>,
+    hosts: &PoolKeys,
+    sys: &mut S,
+    dir: &Path,
+    done: Vec<Done>,
+) -> Vec<String> {
     let mut said = Vec::new();
     for action in done.into_iter().rev() {
         let (what, result) = match action {
             Done::StoppedNetworkManager => (
                 "started NetworkManager again".to_string(),
-                run("systemctl", &["enable", "--now", "NetworkManager"]).map(|_| ()),
+                sys.service(Service::EnableNetworkManager)
+                    .map_err(|e| e.to_string()),
             ),
-            Done::WroteFile {
-                path,
-                backup: Some(backup),
-            } => (
-                format!("restored {}", path.display()),
-                fs::rename(&backup, &path).map_err(|e| e.to_string()),
-            ),
-            Done::WroteFile { path, backup: None } => (
-                format!("removed {}", path.display()),
-                fs::remove_file(&path).map_err(|e| e.to_string()),
+            Done::WroteFile { name, backup } => (
+                match backup {
+                    Some(_) => format!("restored {}", dir.join(&name).display()),
+                    None => format!("removed {}", dir.join(&name).display()),
+                },
+                sys.restore_file(dir, &name, backup.as_deref())
+                    .map_err(|e| e.to_string()),
             ),
             Done::CreatedNetwork(name) => (
                 format!("removed Docker network {name}"),
-                run("docker", &["network", "rm", &name]).map(|_| ()),
+                sys.remove_docker_network(&name).map_err(|e| e.to_string()),
             ),
             Done::Adopted {
                 addr,
@@ -534,12 +533,8 @@ fn give_back<K: Kv>(
     ours: &str,
     previous: &str,
 ) -> Result<(), String> {
-    let record = alloc
-        .kv()
-        .range(&Range::key(hosts.assigned(addr)))
-        .map_err(|e| e.to_string())?;
-    match record.first() {
-        Some(kv) if kv.value == ours => {
+    match alloc.record(hosts, addr).map_err(|e| e.to_string())? {
+        Record::Held(kv) if kv.value == ours => {
             match alloc.replace_owner(hosts, addr, kv.mod_revision, previous) {
                 Ok(true) => Ok(()),
                 Ok(false) => Err("its record changed meanwhile".into()),
@@ -553,283 +548,27 @@ fn give_back<K: Kv>(
 /// The original tool's record (migrated from etcd v2) of host address `addr`, if that is
 /// what holds it.
 fn original_record<K: Kv>(
-    kv: &K,
-    layout: &Layout,
+    alloc: &Allocator<K>,
+    hosts: &PoolKeys,
     addr: Ipv4Addr,
 ) -> Result<Option<KeyValue>, NetworkError> {
-    let record = kv.range(&Range::key(layout.hosts().assigned(addr)))?;
-    Ok(record
-        .into_iter()
-        .next()
-        .filter(|kv| Owner::from_json(&kv.value).is_some_and(|o| o.is_original())))
-}
-
-/// The IPv4 addresses `bridge` carries now (none if it does not exist).
-fn bridge_addrs(bridge: &str) -> Vec<Ipv4Addr> {
-    let Ok(out) = run("ip", &["-4", "-o", "addr", "show", "dev", bridge]) else {
-        return Vec::new();
-    };
-    let mut words = out.split_whitespace();
-    let mut found = Vec::new();
-    while let Some(word) = words.next() {
-        if word == "inet" {
-            if let Some(addr) = words.next().and_then(|a| a.split('/').next()?.parse().ok()) {
-                found.push(addr);
-            }
+    Ok(match alloc.record(hosts, addr)? {
+        Record::Held(kv) if Owner::from_json(&kv.value).is_some_and(|o| o.is_original()) => {
+            Some(kv)
         }
-    }
-    found
+        _ => None,
+    })
 }
 
 /// The host address this host already holds, if any.
 fn held_by<K: Kv>(
-    kv: &K,
-    layout: &Layout,
+    alloc: &Allocator<K>,
+    hosts: &PoolKeys,
     host: &HostIdentity,
 ) -> Result<Option<Ipv4Addr>, NetworkError> {
-    let hosts = layout.hosts();
-    let assigned = kv.range(&Range::prefix(hosts.assigned_dir.as_str()))?;
-    Ok(assigned.iter().find_map(|kv| {
+    let held = alloc.held(hosts)?;
+    Ok(held.into_iter().find_map(|(addr, kv)| {
         let owner = Owner::from_json(&kv.value)?;
-        (owner.role == Role::Host && host.is_holder(&owner))
-            .then(|| hosts.addr_of(&kv.key))
-            .flatten()
+        (owner.role == Role::Host && host.is_holder(&owner)).then_some(addr)
     }))
-}
-
-fn network_args(
-    flags: &NetworkFlags,
-    subnet: Ipv4Net,
-    addr: &str,
-    gateway: Ipv4Addr,
-) -> Vec<String> {
-    vec![
-        "network".into(),
-        "create".into(),
-        "--opt=com.docker.network.bridge.enable_icc=true".into(),
-        "--opt=com.docker.network.bridge.enable_ip_masquerade=false".into(),
-        "--opt=com.docker.network.bridge.host_binding_ipv4=0.0.0.0".into(),
-        format!("--opt=com.docker.network.bridge.name={}", flags.bridge),
-        format!("--opt=com.docker.network.driver.mtu={}", flags.mtu),
-        format!("--ipam-driver={IPAM_DRIVER}"),
-        format!("--subnet={subnet}"),
-        format!("--gateway={addr}"),
-        format!("--aux-address=DefaultGatewayIPv4={gateway}"),
-        flags.name.clone(),
-    ]
-}
-
-/// None if no Docker network `name` exists (or Docker cannot be asked); else its IPv4 gateway,
-/// if it has one.
-fn docker_network_gateway(name: &str) -> Option<Option<Ipv4Addr>> {
-    let format = "{{range .IPAM.Config}}{{.Gateway}} {{end}}";
-    let out = run("docker", &["network", "inspect", "--format", format, name]).ok()?;
-    Some(out.split_whitespace().find_map(|g| g.parse().ok()))
-}
-
-/// The device of the route to `gateway`, as `ip route get` tells.
-fn route_interface(gateway: Ipv4Addr) -> Result<String, NetworkError> {
-    let out = run("ip", &["-4", "route", "get", &gateway.to_string()])
-        .map_err(NetworkError::NoInterface)?;
-    let mut words = out.split_whitespace();
-    while let Some(word) = words.next() {
-        if word == "dev" {
-            if let Some(dev) = words.next() {
-                return Ok(dev.to_string());
-            }
-        }
-    }
-    Err(NetworkError::NoInterface(format!(
-        "no device in {:?}",
-        out.trim()
-    )))
-}
-
-/// Runs a program; its stdout on success, else its stderr's last line (or why it did not run).
-pub(crate) fn run<S: AsRef<str>>(program: &str, args: &[S]) -> Result<String, String> {
-    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
-    log::debug!("running {program} {}", args.join(" "));
-    let out = Command::new(program)
-        .args(&args)
-        .output()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
-    if out.status.success() {
-        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let last = stderr
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("")
-        .trim()
-        .to_string();
-    Err(format!(
-        "{program} {} exited with {}: {last}",
-        args.first().copied().unwrap_or_default(),
-        out.status
-    ))
-}
-
-fn read_optional(path: &Path) -> io::Result<Option<String>> {
-    match fs::read_to_string(path) {
-        Ok(text) => Ok(Some(text)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-/// Replaces `path` with `text` through a temporary file and a rename, so that it is never
-/// seen half-written. If it existed, the original is first copied to a `.bak` beside it
-/// (network scripts ignore `*.bak`); returns that backup's path. Both new files are created
-/// exclusively, so a file or symlink planted at their names is never written through, and
-/// an earlier backup is never overwritten.
-fn write_atomically(path: &Path, text: &str, existed: bool) -> io::Result<Option<PathBuf>> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let backup = if existed {
-        let original = fs::read(path)?;
-        let mode = fs::metadata(path)?.permissions().mode() & 0o777;
-        let stamp = crate::host::now().replace([':', '-'], "");
-        let base = format!("{name}.{}", &stamp[..15]);
-        let (backup, mut file) = create_exclusively(dir, &base, ".bak", mode)?;
-        let copied = file.write_all(&original).and_then(|()| file.sync_all());
-        if let Err(e) = copied {
-            let _ = fs::remove_file(&backup);
-            return Err(e);
-        }
-        Some(backup)
-    } else {
-        None
-    };
-    let base = format!(".{name}.tmp-{}", std::process::id());
-    let written = create_exclusively(dir, &base, "", 0o644).and_then(|(temp, mut file)| {
-        let done = file
-            .write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .and_then(|()| fs::rename(&temp, path));
-        if done.is_err() {
-            let _ = fs::remove_file(&temp);
-        }
-        done
-    });
-    if let Err(e) = written {
-        if let Some(b) = &backup {
-            let _ = fs::remove_file(b);
-        }
-        return Err(e);
-    }
-    Ok(backup)
-}
-
-/// Creates `<base><suffix>` in `dir`, or `<base>.1<suffix>`, `.2`, ... if that name is
-/// taken: `create_new` fails on any existing entry, a symlink included, so nothing planted
-/// there is followed.
-fn create_exclusively(
-    dir: &Path,
-    base: &str,
-    suffix: &str,
-    mode: u32,
-) -> io::Result<(PathBuf, fs::File)> {
-    use std::os::unix::fs::OpenOptionsExt;
-    for n in 0..100 {
-        let name = match n {
-            0 => format!("{base}{suffix}"),
-            n => format!("{base}.{n}{suffix}"),
-        };
-        let path = dir.join(name);
-        match fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&path)
-        {
-            Ok(file) => return Ok((path, file)),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(io::Error::new(
-        io::ErrorKind::AlreadyExists,
-        format!("100 files named {base}*{suffix} exist in {}", dir.display()),
-    ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bridge_config_matches_the_seed() {
-        let text = bridge_ifcfg(
-            "br0",
-            "192.0.2.85".parse().unwrap(),
-            "192.0.2.1".parse().unwrap(),
-            "192.0.0.0/18".parse().unwrap(),
-            1500,
-        );
-        assert_eq!(
-            text,
-            "DEVICE=br0\nTYPE=Bridge\nBOOTPROTO=static\nIPADDR=192.0.2.85\nGATEWAY=192.0.2.1\n\
-             NETMASK=255.255.192.0\nONBOOT=yes\nNOZEROCONF=yes\nIPV6INIT=no\nNM_CONTROLLED=no\nDELAY=0\n"
-        );
-    }
-
-    #[test]
-    fn enslaving_adds_or_replaces_one_bridge_line() {
-        let old = "DEVICE=eth0\nONBOOT=yes\nBRIDGE=br9\n";
-        assert_eq!(
-            enslaved_ifcfg(Some(old), "eth0", "br0"),
-            "DEVICE=eth0\nONBOOT=yes\nBRIDGE=br0\n"
-        );
-        let fresh = enslaved_ifcfg(None, "eth0", "br0");
-        assert!(fresh.starts_with("DEVICE=eth0\n") && fresh.ends_with("BRIDGE=br0\n"));
-        let again = enslaved_ifcfg(Some(&fresh), "eth0", "br0");
-        assert_eq!(again, fresh);
-    }
-
-    #[test]
-    fn planted_links_are_never_followed_and_backups_never_overwritten() {
-        let dir = std::env::temp_dir().join(format!("oam-net-plant-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        let victim = dir.join("victim");
-        fs::write(&victim, "precious\n").unwrap();
-        let path = dir.join("ifcfg-br0");
-        fs::write(&path, "one\n").unwrap();
-        // The names an attacker can predict: the temporary file and this second's backup.
-        let temp = dir.join(format!(".ifcfg-br0.tmp-{}", std::process::id()));
-        std::os::unix::fs::symlink(&victim, &temp).unwrap();
-        let stamp = crate::host::now().replace([':', '-'], "");
-        let predicted = dir.join(format!("ifcfg-br0.{}.bak", &stamp[..15]));
-        std::os::unix::fs::symlink(&victim, &predicted).unwrap();
-
-        let first = write_atomically(&path, "two\n", true).unwrap().unwrap();
-        let second = write_atomically(&path, "three\n", true).unwrap().unwrap();
-        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
-        assert_ne!(first, second);
-        assert_eq!(fs::read_to_string(&first).unwrap(), "one\n");
-        assert_eq!(fs::read_to_string(&second).unwrap(), "two\n");
-        assert_eq!(fs::read_to_string(&path).unwrap(), "three\n");
-        assert!(fs::symlink_metadata(&temp)
-            .unwrap()
-            .file_type()
-            .is_symlink());
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn atomic_writes_keep_a_backup() {
-        let dir = std::env::temp_dir().join(format!("oam-net-test-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("ifcfg-br0");
-        assert_eq!(write_atomically(&path, "one\n", false).unwrap(), None);
-        let backup = write_atomically(&path, "two\n", true).unwrap().unwrap();
-        assert_eq!(fs::read_to_string(&path).unwrap(), "two\n");
-        assert_eq!(fs::read_to_string(&backup).unwrap(), "one\n");
-        fs::remove_dir_all(&dir).unwrap();
-    }
 }
