@@ -164,9 +164,12 @@ struct Plan {
     /// bridge carries: the address is this host's, so its record is taken over.
     adopt: Option<KeyValue>,
     interface: String,
-    /// The bridge's and the interface's file names in the ifcfg directory.
+    /// The bridge's and the interface's file names in the ifcfg directory, and what each
+    /// holds now.
     bridge_file: String,
+    bridge_now: Option<String>,
     iface_file: String,
+    iface_now: Option<String>,
     network_exists: bool,
 }
 
@@ -259,13 +262,38 @@ fn plan<K: Kv, S: HostSystem>(
             }
         }
     }
+    let read = |name: &str| {
+        sys.read_file(&flags.ifcfg_dir, name)
+            .map_err(|error| NetworkError::Unreadable {
+                path: flags.ifcfg_dir.join(name),
+                error,
+            })
+    };
+    let bridge_file = format!("ifcfg-{}", flags.bridge);
+    let bridge_now = read(&bridge_file)?;
+    // Refused here, before the host address is taken. An address still to be picked could
+    // be any, so an existing file then counts as different.
+    if let Some(now) = &bridge_now {
+        let ours = held
+            .or(wanted)
+            .map(|addr| ifcfg::bridge_text(&flags.bridge, addr, gateway, subnet, flags.mtu));
+        if ours.as_ref() != Some(now) && !flags.force {
+            return Err(NetworkError::FileDiffers(
+                flags.ifcfg_dir.join(&bridge_file),
+            ));
+        }
+    }
+    let iface_file = format!("ifcfg-{interface}");
+    let iface_now = read(&iface_file)?;
     Ok(Plan {
         subnet,
         gateway,
         held,
         wanted,
-        bridge_file: format!("ifcfg-{}", flags.bridge),
-        iface_file: format!("ifcfg-{interface}"),
+        bridge_file,
+        bridge_now,
+        iface_file,
+        iface_now,
         interface,
         network_exists: existing_gateway.is_some(),
         adopt,
@@ -300,16 +328,38 @@ fn print_dry_run(plan: &Plan, flags: &NetworkFlags, me: &HostIdentity) {
         let args = docker::create_args(&spec(plan, flags), "<host address>");
         println!("would run: docker {}", args.join(" "));
     }
-    println!(
-        "would write {} (bridge {} with the host address)",
-        flags.ifcfg_dir.join(&plan.bridge_file).display(),
-        flags.bridge
-    );
-    println!(
-        "would add BRIDGE={} to {}",
-        flags.bridge,
-        flags.ifcfg_dir.join(&plan.iface_file).display()
-    );
+    let bridge_path = flags.ifcfg_dir.join(&plan.bridge_file);
+    let ours = plan
+        .held
+        .or(plan.wanted)
+        .map(|addr| ifcfg::bridge_text(&flags.bridge, addr, plan.gateway, plan.subnet, flags.mtu));
+    match &plan.bridge_now {
+        Some(now) if Some(now) == ours.as_ref() => {
+            println!("{} is up to date", bridge_path.display())
+        }
+        Some(_) => println!(
+            "would replace {} (bridge {} with the host address), keeping a backup",
+            bridge_path.display(),
+            flags.bridge
+        ),
+        None => println!(
+            "would write {} (bridge {} with the host address)",
+            bridge_path.display(),
+            flags.bridge
+        ),
+    }
+    let iface_path = flags.ifcfg_dir.join(&plan.iface_file);
+    let iface_text =
+        ifcfg::enslaved_text(plan.iface_now.as_deref(), &plan.interface, &flags.bridge);
+    if plan.iface_now.as_ref() == Some(&iface_text) {
+        println!("{} is up to date", iface_path.display());
+    } else {
+        println!(
+            "would add BRIDGE={} to {}",
+            flags.bridge,
+            iface_path.display()
+        );
+    }
     if !flags.no_restart {
         println!(
             "would run: systemctl stop NetworkManager; systemctl disable NetworkManager; \
@@ -403,20 +453,9 @@ fn apply<K: Kv, S: HostSystem>(
     };
 
     let dir = &flags.ifcfg_dir;
-    let bridge_path = dir.join(&plan.bridge_file);
     let bridge_text = ifcfg::bridge_text(&flags.bridge, addr, plan.gateway, plan.subnet, flags.mtu);
-    let existing_bridge = sys
-        .read_file(dir, &plan.bridge_file)
-        .map_err(|e| step("reading the bridge config", e))?;
-    if existing_bridge.as_deref().is_some_and(|t| t != bridge_text) && !flags.force {
-        let refusal = NetworkError::FileDiffers(bridge_path);
-        return Err(step("writing the bridge config", refusal));
-    }
-    let existing_iface = sys
-        .read_file(dir, &plan.iface_file)
-        .map_err(|e| step("reading the interface config", e))?;
     let iface_text =
-        ifcfg::enslaved_text(existing_iface.as_deref(), &plan.interface, &flags.bridge);
+        ifcfg::enslaved_text(plan.iface_now.as_deref(), &plan.interface, &flags.bridge);
 
     if plan.network_exists {
         println!("Docker network {} exists already", flags.name);
@@ -428,8 +467,8 @@ fn apply<K: Kv, S: HostSystem>(
     }
 
     for (name, text, existing) in [
-        (&plan.bridge_file, &bridge_text, existing_bridge),
-        (&plan.iface_file, &iface_text, existing_iface),
+        (&plan.bridge_file, &bridge_text, &plan.bridge_now),
+        (&plan.iface_file, &iface_text, &plan.iface_now),
     ] {
         let path = dir.join(name);
         if existing.as_deref() == Some(text.as_str()) {
@@ -571,4 +610,505 @@ fn held_by<K: Kv>(
         let owner = Owner::from_json(&kv.value)?;
         (owner.role == Role::Host && host.is_holder(&owner)).then_some(addr)
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::fs;
+
+    use crate::addr::AddrRange;
+    use crate::exec::RunError;
+    use crate::hostnet::RouteError;
+    use crate::kv::memory::MemKv;
+    use crate::kv::{Op, Range, Txn};
+
+    const NOW: &str = "2026-11-22T00:00:00.000000000Z";
+
+    /// A host in memory, but for its ifcfg directory: a scratch directory written through
+    /// `ifcfg`, so that trees are compared. Every call is recorded; the changing calls are
+    /// numbered from 0, and those in `fail` fail without changing anything.
+    #[derive(Default)]
+    struct FakeHost {
+        /// Docker networks: name and gateway.
+        networks: BTreeMap<String, Option<Ipv4Addr>>,
+        bridge_addrs: Vec<Ipv4Addr>,
+        /// The device of the route to the hosts' gateway; None: `ip` finds none.
+        route: Option<String>,
+        nm_active: bool,
+        nm_enabled: bool,
+        restarts: u32,
+        calls: RefCell<Vec<String>>,
+        changes: usize,
+        fail: BTreeSet<usize>,
+    }
+
+    /// Everything a `FakeHost` holds that create-network may change.
+    type HostState = (
+        BTreeMap<String, Option<Ipv4Addr>>,
+        bool,
+        bool,
+        u32,
+        Vec<(String, String)>,
+    );
+
+    impl FakeHost {
+        fn look(&self, call: String) {
+            self.calls.borrow_mut().push(call);
+        }
+
+        /// Records a changing call; whether it is to fail.
+        fn change(&mut self, call: String) -> bool {
+            self.calls.borrow_mut().push(call);
+            self.changes += 1;
+            self.fail.contains(&(self.changes - 1))
+        }
+
+        fn refused() -> RunError {
+            RunError::Spawn {
+                program: "fake".into(),
+                error: io::Error::other("injected failure"),
+            }
+        }
+
+        fn state(&self, dir: &Path) -> HostState {
+            (
+                self.networks.clone(),
+                self.nm_active,
+                self.nm_enabled,
+                self.restarts,
+                tree(dir),
+            )
+        }
+    }
+
+    impl HostSystem for FakeHost {
+        fn docker_network(&self, name: &str) -> Option<Option<Ipv4Addr>> {
+            self.look(format!("docker network inspect {name}"));
+            self.networks.get(name).copied()
+        }
+
+        fn create_docker_network(
+            &mut self,
+            spec: &NetworkSpec,
+            gateway: Ipv4Addr,
+        ) -> Result<(), RunError> {
+            if self.change(format!("docker network create {} {gateway}", spec.name)) {
+                return Err(FakeHost::refused());
+            }
+            self.networks.insert(spec.name.clone(), Some(gateway));
+            Ok(())
+        }
+
+        fn remove_docker_network(&mut self, name: &str) -> Result<(), RunError> {
+            if self.change(format!("docker network rm {name}")) {
+                return Err(FakeHost::refused());
+            }
+            self.networks.remove(name);
+            Ok(())
+        }
+
+        fn bridge_addrs(&self, bridge: &str) -> Vec<Ipv4Addr> {
+            self.look(format!("ip addr show {bridge}"));
+            self.bridge_addrs.clone()
+        }
+
+        fn route_interface(&self, gateway: Ipv4Addr) -> Result<String, RouteError> {
+            self.look(format!("ip route get {gateway}"));
+            self.route
+                .clone()
+                .ok_or_else(|| RouteError::NoDevice("unreachable".into()))
+        }
+
+        fn network_manager_active(&self) -> bool {
+            self.look("systemctl is-active NetworkManager".into());
+            self.nm_active
+        }
+
+        fn service(&mut self, change: Service) -> Result<(), RunError> {
+            if self.change(format!("{change:?}")) {
+                return Err(FakeHost::refused());
+            }
+            match change {
+                Service::StopNetworkManager => self.nm_active = false,
+                Service::DisableNetworkManager => self.nm_enabled = false,
+                Service::EnableNetworkManager => (self.nm_active, self.nm_enabled) = (true, true),
+                Service::RestartNetwork => self.restarts += 1,
+            }
+            Ok(())
+        }
+
+        fn is_dir(&self, dir: &Path) -> bool {
+            self.look(format!("is-dir {}", dir.display()));
+            ifcfg::is_dir(dir)
+        }
+
+        fn read_file(&self, dir: &Path, name: &str) -> io::Result<Option<String>> {
+            self.look(format!("read {name}"));
+            ifcfg::read(dir, name)
+        }
+
+        fn write_file(&mut self, dir: &Path, name: &str, text: &str) -> io::Result<Option<String>> {
+            if self.change(format!("write {name}")) {
+                return Err(io::Error::other("injected failure"));
+            }
+            ifcfg::write(dir, name, text)
+        }
+
+        fn restore_file(&mut self, dir: &Path, name: &str, backup: Option<&str>) -> io::Result<()> {
+            if self.change(format!("restore {name}")) {
+                return Err(io::Error::other("injected failure"));
+            }
+            ifcfg::restore(dir, name, backup)
+        }
+
+        fn now(&self) -> String {
+            NOW.into()
+        }
+    }
+
+    /// Each file of `dir` and its text, by name.
+    fn tree(dir: &Path) -> Vec<(String, String)> {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut files: Vec<(String, String)> = entries
+            .map(|e| {
+                let e = e.unwrap();
+                let text = fs::read_to_string(e.path()).unwrap_or_else(|_| "<unreadable>".into());
+                (e.file_name().into_string().unwrap(), text)
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// A host h1 whose hosts' subnet 192.0.2.0/24 (router .1) pools hosts .10-.12 and
+    /// containers .100-.110; NetworkManager runs, the route to the router goes by eth1,
+    /// and its ifcfg directory is empty.
+    struct World {
+        kv: MemKv,
+        layout: Layout,
+        host: FakeHost,
+        me: HostIdentity,
+        flags: NetworkFlags,
+    }
+
+    /// Changes a fresh world into the one a test needs.
+    type Setup = fn(&mut World);
+
+    /// Whether an error is the refusal expected.
+    type Refused = fn(&NetworkError) -> bool;
+
+    const ROUTER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+
+    fn addr(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(192, 0, 2, last)
+    }
+
+    impl World {
+        fn new(test: &str) -> World {
+            let world = World::bare(test);
+            let hosts = AddrRange::parse("192.0.2.10/24", "192.0.2.12/24").unwrap();
+            pools::add_host_range(&world.kv, &world.layout, hosts, ROUTER, &mut |_, _| {}).unwrap();
+            let containers = AddrRange::parse("192.0.2.100/24", "192.0.2.110/24").unwrap();
+            pools::add_container_range(&world.kv, &world.layout, containers, &mut |_, _| {})
+                .unwrap();
+            world
+        }
+
+        /// No pools defined.
+        fn bare(test: &str) -> World {
+            let dir =
+                std::env::temp_dir().join(format!("oam-network-{test}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            World {
+                kv: MemKv::new(),
+                layout: Layout::new("/talkingdata"),
+                host: FakeHost {
+                    route: Some("eth1".into()),
+                    nm_active: true,
+                    nm_enabled: true,
+                    ..FakeHost::default()
+                },
+                me: HostIdentity::new("h1", "id-h1"),
+                flags: NetworkFlags {
+                    ip: None,
+                    name: "mynet".into(),
+                    bridge: "br0".into(),
+                    mtu: 1500,
+                    interface: None,
+                    ifcfg_dir: dir,
+                    force: false,
+                    no_restart: false,
+                    dry_run: false,
+                },
+            }
+        }
+
+        fn dir(&self) -> PathBuf {
+            self.flags.ifcfg_dir.clone()
+        }
+
+        fn file(&self, name: &str, text: &str) {
+            fs::write(self.dir().join(name), text).unwrap();
+        }
+
+        fn create(&mut self) -> Result<(), NetworkError> {
+            let flags = self.flags.clone();
+            create(&self.kv, &self.layout, &flags, &self.me, &mut self.host)
+        }
+
+        /// Every key, value and revision: any write shows, even one undone.
+        fn store(&self) -> Vec<KeyValue> {
+            self.kv.range(&Range::prefix("/")).unwrap()
+        }
+
+        /// Records `owner` as holding host address `a`, as a taking would.
+        fn hold(&self, a: Ipv4Addr, owner: &Owner) {
+            let hosts = self.layout.hosts();
+            let txn = Txn {
+                compares: vec![],
+                success: vec![
+                    Op::delete(hosts.pool(a)),
+                    Op::put(hosts.assigned(a), owner.to_json()),
+                ],
+                failure: vec![],
+            };
+            assert!(self.kv.txn(&txn).unwrap().succeeded);
+        }
+
+        fn holder(&self, a: Ipv4Addr) -> Option<String> {
+            let record = self.kv.range(&Range::key(self.layout.hosts().assigned(a)));
+            record.unwrap().into_iter().next().map(|kv| kv.value)
+        }
+    }
+
+    impl Drop for World {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.flags.ifcfg_dir);
+        }
+    }
+
+    #[test]
+    fn sets_up_a_fresh_host_then_a_rerun_changes_nothing() {
+        let mut w = World::new("fresh");
+        w.file("ifcfg-eth1", "DEVICE=eth1\nONBOOT=yes\n");
+        w.create().unwrap();
+
+        let hosts = w.layout.hosts();
+        let alloc = Allocator::new(&w.kv);
+        let held = alloc.held(&hosts).unwrap();
+        assert_eq!(held.len(), 1, "{held:?}");
+        let (a, record) = &held[0];
+        assert_eq!(record.value, w.me.owner(Role::Host, "", NOW).to_json());
+        assert_eq!(w.host.networks.get("mynet"), Some(&Some(*a)));
+        let files = tree(&w.dir());
+        let bridge = ifcfg::bridge_text("br0", *a, ROUTER, "192.0.2.0/24".parse().unwrap(), 1500);
+        assert_eq!(files[0], ("ifcfg-br0".into(), bridge));
+        assert_eq!(
+            files[1],
+            (
+                "ifcfg-eth1".into(),
+                "DEVICE=eth1\nONBOOT=yes\nBRIDGE=br0\n".into()
+            )
+        );
+        assert!(files[2].0.starts_with("ifcfg-eth1.") && files[2].0.ends_with(".bak"));
+        assert_eq!(files[2].1, "DEVICE=eth1\nONBOOT=yes\n");
+        assert_eq!(files.len(), 3);
+        assert_eq!(
+            (w.host.nm_active, w.host.nm_enabled, w.host.restarts),
+            (false, false, 1)
+        );
+        assert_eq!(
+            w.host.calls.borrow()[w.host.calls.borrow().len() - 7..],
+            [
+                format!("docker network create mynet {a}"),
+                "write ifcfg-br0".into(),
+                "write ifcfg-eth1".into(),
+                "systemctl is-active NetworkManager".into(),
+                "StopNetworkManager".into(),
+                "DisableNetworkManager".into(),
+                "RestartNetwork".into(),
+            ]
+        );
+
+        // The same again keeps the address, the network and the files.
+        let (store, host) = (w.store(), w.host.state(&w.dir()));
+        let changes = w.host.changes;
+        w.create().unwrap();
+        assert_eq!(w.store(), store);
+        let (networks, _, _, restarts, files) = w.host.state(&w.dir());
+        assert_eq!((networks, restarts - 1, files), (host.0, host.3, host.4));
+        assert_eq!(
+            w.host.changes,
+            changes + 1,
+            "only the network service restarts"
+        );
+    }
+
+    #[test]
+    fn a_dry_run_changes_nothing() {
+        let mut w = World::new("dry");
+        w.flags.dry_run = true;
+        w.flags.ip = Some(addr(11));
+        let (store, host) = (w.store(), w.host.state(&w.dir()));
+        w.create().unwrap();
+        assert_eq!(w.host.changes, 0);
+        assert_eq!(w.store(), store);
+        assert_eq!(w.host.state(&w.dir()), host);
+    }
+
+    /// Each refusal, as a change to a fresh world, and what it is refused with.
+    fn refusals() -> Vec<(&'static str, Setup, Refused)> {
+        vec![
+            (
+                "no host pool",
+                |w| *w = World::bare("refused-bare"),
+                |e| matches!(e, NetworkError::NoHostPool),
+            ),
+            (
+                "a hosts config this tool does not write",
+                |w| {
+                    let put = Txn {
+                        success: vec![Op::put(w.layout.hosts_config(), "nonsense")],
+                        ..Txn::default()
+                    };
+                    w.kv.txn(&put).unwrap();
+                },
+                |e| matches!(e, NetworkError::BadHostsConfig(v) if v == "nonsense"),
+            ),
+            (
+                "no container pool",
+                |w| {
+                    let config = w.layout.container_config(addr(0));
+                    let delete = Txn {
+                        success: vec![Op::delete(config)],
+                        ..Txn::default()
+                    };
+                    w.kv.txn(&delete).unwrap();
+                },
+                |e| matches!(e, NetworkError::NoContainerPool(_)),
+            ),
+            (
+                "this host holds another address",
+                |w| {
+                    w.hold(addr(10), &w.me.owner(Role::Host, "", NOW));
+                    w.flags.ip = Some(addr(11));
+                },
+                |e| matches!(e, NetworkError::HoldsAnother { held, asked } if *held == addr(10) && *asked == addr(11)),
+            ),
+            (
+                "no ifcfg directory",
+                |w| w.flags.ifcfg_dir = w.dir().join("missing"),
+                |e| matches!(e, NetworkError::NoIfcfgDir(_)),
+            ),
+            (
+                "no route to the router",
+                |w| w.host.route = None,
+                |e| matches!(e, NetworkError::NoInterface(_)),
+            ),
+            (
+                "the network's gateway is another address",
+                |w| {
+                    w.host.networks.insert("mynet".into(), Some(addr(12)));
+                    w.flags.ip = Some(addr(11));
+                },
+                |e| matches!(e, NetworkError::NetworkDiffers { detail, .. } if detail.contains("gateway 192.0.2.12")),
+            ),
+            (
+                "the network has no IPv4 gateway",
+                |w| {
+                    w.host.networks.insert("mynet".into(), None);
+                },
+                |e| matches!(e, NetworkError::NetworkDiffers { detail, .. } if detail == "no IPv4 gateway"),
+            ),
+            (
+                "the address is another host's",
+                |w| {
+                    w.hold(
+                        addr(11),
+                        &HostIdentity::new("h2", "id-h2").owner(Role::Host, "", NOW),
+                    );
+                    w.flags.ip = Some(addr(11));
+                },
+                |e| matches!(e, NetworkError::Alloc(AllocError::InUse { .. })),
+            ),
+            (
+                "the address is not in the pool",
+                |w| w.flags.ip = Some("198.51.100.7".parse().unwrap()),
+                |e| matches!(e, NetworkError::Alloc(AllocError::NotInPool { .. })),
+            ),
+            (
+                "a different ifcfg-br0, the address given",
+                |w| {
+                    w.file("ifcfg-br0", "DEVICE=br0\nIPADDR=203.0.113.9\n");
+                    w.flags.ip = Some(addr(11));
+                },
+                |e| matches!(e, NetworkError::FileDiffers(p) if p.ends_with("ifcfg-br0")),
+            ),
+            (
+                "an ifcfg-br0, the address still to pick",
+                |w| {
+                    let subnet = "192.0.2.0/24".parse().unwrap();
+                    w.file(
+                        "ifcfg-br0",
+                        &ifcfg::bridge_text("br0", addr(11), ROUTER, subnet, 1500),
+                    );
+                },
+                |e| matches!(e, NetworkError::FileDiffers(_)),
+            ),
+            (
+                "a different ifcfg-br0, the address held",
+                |w| {
+                    w.hold(addr(10), &w.me.owner(Role::Host, "", NOW));
+                    let subnet = "192.0.2.0/24".parse().unwrap();
+                    w.file(
+                        "ifcfg-br0",
+                        &ifcfg::bridge_text("br0", addr(10), ROUTER, subnet, 9000),
+                    );
+                },
+                |e| matches!(e, NetworkError::FileDiffers(_)),
+            ),
+            (
+                "an unreadable ifcfg file",
+                |w| fs::create_dir(w.dir().join("ifcfg-eth1")).unwrap(),
+                |e| matches!(e, NetworkError::Unreadable { path, .. } if path.ends_with("ifcfg-eth1")),
+            ),
+        ]
+    }
+
+    #[test]
+    fn every_refusal_comes_before_the_first_change() {
+        for (what, setup, refused) in refusals() {
+            for dry_run in [false, true] {
+                let mut w = World::new("refused");
+                setup(&mut w);
+                w.flags.dry_run = dry_run;
+                let (store, host) = (w.store(), w.host.state(&w.dir()));
+                let e = w.create().unwrap_err();
+                assert!(
+                    refused(&e),
+                    "{what} (dry run {dry_run}): refused with {e:?}"
+                );
+                assert_eq!(w.host.changes, 0, "{what}: {:?}", w.host.calls.borrow());
+                assert_eq!(w.store(), store, "{what}: the store changed");
+                assert_eq!(w.host.state(&w.dir()), host, "{what}: the host changed");
+            }
+        }
+    }
+
+    #[test]
+    fn adopts_the_address_the_original_gave_this_host() {
+        let mut w = World::new("adopt");
+        w.hold(addr(11), &Owner::original(Role::Host, NOW));
+        w.host.bridge_addrs = vec![addr(11)];
+        w.create().unwrap();
+        let ours = w.me.owner(Role::Host, "", NOW).to_json();
+        assert_eq!(w.holder(addr(11)), Some(ours));
+        assert_eq!(w.host.networks.get("mynet"), Some(&Some(addr(11))));
+    }
 }
