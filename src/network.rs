@@ -622,7 +622,7 @@ mod tests {
     use crate::addr::AddrRange;
     use crate::exec::RunError;
     use crate::hostnet::RouteError;
-    use crate::kv::memory::MemKv;
+    use crate::kv::memory::{Fault, MemKv};
     use crate::kv::{Op, Range, Txn};
 
     const NOW: &str = "2026-11-22T00:00:00.000000000Z";
@@ -1109,6 +1109,98 @@ mod tests {
         w.create().unwrap();
         let ours = w.me.owner(Role::Host, "", NOW).to_json();
         assert_eq!(w.holder(addr(11)), Some(ours));
+        assert_eq!(w.host.networks.get("mynet"), Some(&Some(addr(11))));
+    }
+
+    /// Worlds in which create-network changes the store and the host in different ways.
+    fn scenarios() -> Vec<(&'static str, Setup)> {
+        vec![
+            ("any free address, the interface's file backed up", |w| {
+                w.file("ifcfg-eth1", "DEVICE=eth1\nONBOOT=yes\n")
+            }),
+            (
+                "a given address, a different ifcfg-br0 replaced with --force",
+                |w| {
+                    w.file("ifcfg-br0", "DEVICE=br0\nIPADDR=203.0.113.9\n");
+                    w.flags.ip = Some(addr(11));
+                    w.flags.force = true;
+                },
+            ),
+            ("the original's address on the bridge, adopted", |w| {
+                w.hold(addr(11), &Owner::original(Role::Host, NOW));
+                w.host.bridge_addrs = vec![addr(11)];
+            }),
+            (
+                "an existing network's gateway, NetworkManager stopped",
+                |w| {
+                    w.host.networks.insert("mynet".into(), Some(addr(12)));
+                    w.host.nm_active = false;
+                },
+            ),
+        ]
+    }
+
+    #[test]
+    fn a_failure_at_any_step_is_undone_exactly() {
+        for (what, setup) in scenarios() {
+            // Step 0 is the write to the store, step n the host's change n - 1.
+            for step in 0.. {
+                let mut w = World::new("undo");
+                setup(&mut w);
+                let (store, host) = (w.kv.dump(), w.host.state(&w.dir()));
+                if step == 0 {
+                    // A dry run counts the plan's reads: those pass, the write after fails.
+                    w.flags.dry_run = true;
+                    let before = w.kv.calls.get();
+                    w.create().unwrap();
+                    w.flags.dry_run = false;
+                    w.kv.fail_next((w.kv.calls.get() - before) as usize, Fault::Pass);
+                    w.kv.fail_next(1, Fault::Down);
+                } else {
+                    w.host.fail.insert(step - 1);
+                }
+                match w.create() {
+                    Err(NetworkError::Step {
+                        step: s, undone, ..
+                    }) => {
+                        assert!(
+                            undone.iter().all(|u| !u.starts_with("NOT")),
+                            "{what}, step {step} ({s}): {undone:?}"
+                        );
+                    }
+                    Ok(()) => {
+                        assert!(step > 3, "{what}: only {step} steps");
+                        break;
+                    }
+                    Err(e) => panic!("{what}, step {step}: {e}"),
+                }
+                assert_eq!(w.kv.dump(), store, "{what}, step {step}: the store");
+                assert_eq!(
+                    w.host.state(&w.dir()),
+                    host,
+                    "{what}, step {step}: the host"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_undo_that_fails_is_reported_and_the_rest_still_undone() {
+        let mut w = World::new("undo-fails");
+        w.flags.ip = Some(addr(11));
+        // Change 1 writes ifcfg-br0; change 2 is the undo's removal of the network.
+        w.host.fail = BTreeSet::from([1, 2]);
+        let e = w.create().unwrap_err();
+        let path = w.dir().join("ifcfg-br0");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "writing {} failed: injected failure; undone: NOT removed Docker network mynet \
+                 (cannot run fake: injected failure), released host address 192.0.2.11",
+                path.display()
+            )
+        );
+        assert_eq!(w.holder(addr(11)), None);
         assert_eq!(w.host.networks.get("mynet"), Some(&Some(addr(11))));
     }
 }
