@@ -119,6 +119,17 @@ pub enum Released {
     Kept { holder: String },
 }
 
+/// What a pool says of one address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// Free in `pool/`.
+    Free,
+    /// In use: its record in `assigned/`.
+    Held(KeyValue),
+    /// In neither directory: not an address of this pool.
+    NotInPool,
+}
+
 /// A change etcd never answered for, and Docker was told failed: to be settled once etcd
 /// answers, so that no address stays held by no one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -378,6 +389,28 @@ impl<K: Kv> Allocator<K> {
 
     pub fn kv(&self) -> &K {
         &self.kv
+    }
+
+    /// What the pool says of `addr` now; a read, nothing changes.
+    pub fn record(&self, keys: &PoolKeys, addr: Ipv4Addr) -> Result<Record, StoreError> {
+        // pool/ first: an address taken between the two reads then shows as held, not as
+        // missing from both.
+        let free = !self.kv.range(&Range::key(keys.pool(addr)))?.is_empty();
+        let held = self.kv.range(&Range::key(keys.assigned(addr)))?;
+        Ok(match held.into_iter().next() {
+            Some(record) => Record::Held(record),
+            None if free => Record::Free,
+            None => Record::NotInPool,
+        })
+    }
+
+    /// Every address of the pool in use now, with its record; a read, nothing changes.
+    pub fn held(&self, keys: &PoolKeys) -> Result<Vec<(Ipv4Addr, KeyValue)>, StoreError> {
+        let records = self.kv.range(&Range::prefix(keys.assigned_dir.as_str()))?;
+        Ok(records
+            .into_iter()
+            .filter_map(|record| Some((keys.addr_of(&record.key)?, record)))
+            .collect())
     }
 
     /// xorshift64*: spread, not secrecy, is what matters here.

@@ -21,6 +21,7 @@ use crate::pools::{self, PoolError};
 use crate::reconcile::{self, Outcome, ReconcileError};
 use crate::server::{self, BodyError, Reply, ServerError};
 use crate::shrink::{self, ShrinkError};
+use crate::system::ThisHost;
 use crate::tls::{self, TlsError};
 
 /// Why a command failed at run time. Exit status 1.
@@ -318,7 +319,13 @@ pub fn run(global: &Global, command: Command) -> Result<(), Failure> {
         }
         Command::CreateNetwork(flags) => {
             let me = identity(global)?;
-            Ok(network::create(etcd(), &layout, &flags, &me)?)
+            Ok(network::create(
+                etcd(),
+                &layout,
+                &flags,
+                &me,
+                &mut ThisHost,
+            )?)
         }
     }
 }

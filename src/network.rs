@@ -1,26 +1,24 @@
 //! `create-network`: take this host's address, create the Docker network, write the CentOS
-//! bridge config, apply it; each step undone again if a later one fails.
+//! bridge config, apply it; each step undone again if a later one fails. The host itself
+//! (Docker, `ip`, `systemctl`, the ifcfg directory, the clock) is reached only through
+//! [`HostSystem`], the pools only through the allocator and `pools`.
 
 use std::fmt;
-use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use ipnet::Ipv4Net;
 
-use crate::alloc::{AllocError, Allocator};
+use crate::alloc::{AllocError, Allocator, Record};
 use crate::cli::NetworkFlags;
-use crate::kv::{KeyValue, Kv, Range, StoreError};
-use crate::layout::{
-    describe_holder, ContainerConfig, HostIdentity, HostMatch, HostsConfig, Layout, Owner,
-    PoolKeys, Role,
-};
-
-/// The IPAM driver name Docker finds the plugin by (the socket's file name).
-pub const IPAM_DRIVER: &str = "talkingdata";
+use crate::docker::{self, NetworkSpec};
+use crate::hostnet::Service;
+use crate::ifcfg;
+use crate::kv::{KeyValue, Kv, StoreError};
+use crate::layout::{describe_holder, HostIdentity, HostMatch, Layout, Owner, PoolKeys, Role};
+use crate::pools::{self, ContainerNetwork, HostsNetwork};
+use crate::system::HostSystem;
 
 /// Why create-network stopped.
 #[derive(Debug)]
@@ -44,6 +42,11 @@ pub enum NetworkError {
     },
     /// A file exists with other content and `--force` was not given.
     FileDiffers(PathBuf),
+    /// A file to change could not be read.
+    Unreadable {
+        path: PathBuf,
+        error: io::Error,
+    },
     /// The ifcfg directory does not exist.
     NoIfcfgDir(PathBuf),
     /// The interface to enslave could not be found.
@@ -87,6 +90,9 @@ impl fmt::Display for NetworkError {
                 "{} exists with other content; use --force to replace it (a backup is kept)",
                 p.display()
             ),
+            NetworkError::Unreadable { path, error } => {
+                write!(f, "cannot read {}: {error}", path.display())
+            }
             NetworkError::NoIfcfgDir(p) => write!(f, "{} is not a directory", p.display()),
             NetworkError::NoInterface(why) => {
                 write!(
@@ -137,49 +143,17 @@ enum Done {
         ours: String,
     },
     CreatedNetwork(String),
+    /// Wrote the file `name` of the ifcfg directory; `backup` is the name of the copy of
+    /// what it held, if it existed.
     WroteFile {
-        path: PathBuf,
-        backup: Option<PathBuf>,
+        name: String,
+        backup: Option<String>,
     },
     StoppedNetworkManager,
 }
 
-/// What the bridge's ifcfg file says (seed 000's format).
-pub fn bridge_ifcfg(
-    bridge: &str,
-    addr: Ipv4Addr,
-    gateway: Ipv4Addr,
-    subnet: Ipv4Net,
-    mtu: u32,
-) -> String {
-    let mut text = format!(
-        "DEVICE={bridge}\nTYPE=Bridge\nBOOTPROTO=static\nIPADDR={addr}\nGATEWAY={gateway}\n\
-         NETMASK={}\nONBOOT=yes\nNOZEROCONF=yes\nIPV6INIT=no\nNM_CONTROLLED=no\nDELAY=0\n",
-        subnet.netmask()
-    );
-    if mtu != 1500 {
-        text.push_str(&format!("MTU={mtu}\n"));
-    }
-    text
-}
-
-/// The interface's ifcfg with `BRIDGE=<bridge>` (replacing another BRIDGE= line if any).
-pub fn enslaved_ifcfg(existing: Option<&str>, interface: &str, bridge: &str) -> String {
-    let Some(existing) = existing else {
-        return format!("DEVICE={interface}\nONBOOT=yes\nNM_CONTROLLED=no\nBRIDGE={bridge}\n");
-    };
-    let mut lines: Vec<String> = existing
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("BRIDGE="))
-        .map(str::to_string)
-        .collect();
-    lines.push(format!("BRIDGE={bridge}"));
-    lines.join("\n") + "\n"
-}
-
 /// What create-network will do, worked out before anything changes.
 struct Plan {
-    host: HostIdentity,
     subnet: Ipv4Net,
     gateway: Ipv4Addr,
     /// The host address this host holds already, if any.
@@ -190,48 +164,50 @@ struct Plan {
     /// bridge carries: the address is this host's, so its record is taken over.
     adopt: Option<KeyValue>,
     interface: String,
-    bridge_path: PathBuf,
-    iface_path: PathBuf,
+    /// The bridge's and the interface's file names in the ifcfg directory, and what each
+    /// holds now.
+    bridge_file: String,
+    bridge_now: Option<String>,
+    iface_file: String,
+    iface_now: Option<String>,
     network_exists: bool,
 }
 
-/// Reads etcd and Docker and checks the flags; refuses before anything changes.
-fn plan<K: Kv>(
-    kv: &K,
+/// Reads etcd and the host and checks the flags; refuses before anything changes.
+fn plan<K: Kv, S: HostSystem>(
+    alloc: &Allocator<K>,
     layout: &Layout,
     flags: &NetworkFlags,
     me: &HostIdentity,
+    sys: &S,
 ) -> Result<Plan, NetworkError> {
-    let host = me.clone();
-    let stored = kv.range(&Range::key(layout.hosts_config()))?;
-    let value = stored
-        .first()
-        .map(|kv| kv.value.clone())
-        .ok_or(NetworkError::NoHostPool)?;
-    let (subnet, gateway) =
-        HostsConfig::parse(&value).ok_or_else(|| NetworkError::BadHostsConfig(value.clone()))?;
-    let container_config = kv.range(&Range::key(layout.container_config(subnet.network())))?;
-    let container_net = container_config
-        .first()
-        .and_then(|kv| ContainerConfig::parse(&kv.value));
-    if container_net != Some(subnet) {
-        return Err(NetworkError::NoContainerPool(subnet));
+    let hosts = layout.hosts();
+    let (subnet, gateway) = match pools::hosts_network(alloc.kv(), layout)? {
+        HostsNetwork::Defined { subnet, gateway } => (subnet, gateway),
+        HostsNetwork::Unusable(value) => return Err(NetworkError::BadHostsConfig(value)),
+        HostsNetwork::Undefined => return Err(NetworkError::NoHostPool),
+    };
+    match pools::container_network(alloc.kv(), layout, subnet.network())? {
+        ContainerNetwork::Defined(net) if net == subnet => {}
+        _ => return Err(NetworkError::NoContainerPool(subnet)),
     }
-    let held = held_by(kv, layout, me)?;
+    let held = held_by(alloc, &hosts, me)?;
     if let (Some(held), Some(asked)) = (held, flags.ip) {
         if held != asked {
             return Err(NetworkError::HoldsAnother { held, asked });
         }
     }
-    if !flags.ifcfg_dir.is_dir() {
+    if !sys.is_dir(&flags.ifcfg_dir) {
         return Err(NetworkError::NoIfcfgDir(flags.ifcfg_dir.clone()));
     }
     let interface = match &flags.interface {
         Some(i) => i.clone(),
-        None => route_interface(gateway)?,
+        None => sys
+            .route_interface(gateway)
+            .map_err(|e| NetworkError::NoInterface(e.to_string()))?,
     };
     // An existing network keeps its gateway: this host's address must be that one.
-    let existing_gateway = docker_network_gateway(&flags.name);
+    let existing_gateway = sys.docker_network(&flags.name);
     let differs = |detail: String| NetworkError::NetworkDiffers {
         name: flags.name.clone(),
         detail,
@@ -250,15 +226,15 @@ fn plan<K: Kv>(
     };
     let (wanted, adopt) = match (held, wanted) {
         (None, Some(addr)) => {
-            let record = original_record(kv, layout, addr)?
-                .filter(|_| bridge_addrs(&flags.bridge).contains(&addr));
+            let record = original_record(alloc, &hosts, addr)?
+                .filter(|_| sys.bridge_addrs(&flags.bridge).contains(&addr));
             (Some(addr), record)
         }
         // Without --ip, an address the original gave this host is still on its bridge.
         (None, None) => {
             let mut found = (None, None);
-            for addr in bridge_addrs(&flags.bridge) {
-                if let Some(record) = original_record(kv, layout, addr)? {
+            for addr in sys.bridge_addrs(&flags.bridge) {
+                if let Some(record) = original_record(alloc, &hosts, addr)? {
                     found = (Some(addr), Some(record));
                     break;
                 }
@@ -270,36 +246,73 @@ fn plan<K: Kv>(
     // The address to take must be free now: a dry run says what the real run would, and
     // the real run refuses before it changes anything.
     if let (None, Some(addr), None) = (held, wanted, &adopt) {
-        let hosts = layout.hosts();
-        if let Some(record) = kv.range(&Range::key(hosts.assigned(addr)))?.first() {
-            return Err(NetworkError::Alloc(AllocError::InUse {
-                addr,
-                holder: describe_holder(&record.value),
-            }));
-        }
-        if kv.range(&Range::key(hosts.pool(addr)))?.is_empty() {
-            return Err(NetworkError::Alloc(AllocError::NotInPool {
-                addr,
-                net: subnet,
-            }));
+        match alloc.record(&hosts, addr)? {
+            Record::Free => {}
+            Record::Held(record) => {
+                return Err(NetworkError::Alloc(AllocError::InUse {
+                    addr,
+                    holder: describe_holder(&record.value),
+                }))
+            }
+            Record::NotInPool => {
+                return Err(NetworkError::Alloc(AllocError::NotInPool {
+                    addr,
+                    net: subnet,
+                }))
+            }
         }
     }
+    let read = |name: &str| {
+        sys.read_file(&flags.ifcfg_dir, name)
+            .map_err(|error| NetworkError::Unreadable {
+                path: flags.ifcfg_dir.join(name),
+                error,
+            })
+    };
+    let bridge_file = format!("ifcfg-{}", flags.bridge);
+    let bridge_now = read(&bridge_file)?;
+    // Refused here, before the host address is taken. An address still to be picked could
+    // be any, so an existing file then counts as different.
+    if let Some(now) = &bridge_now {
+        let ours = held
+            .or(wanted)
+            .map(|addr| ifcfg::bridge_text(&flags.bridge, addr, gateway, subnet, flags.mtu));
+        if ours.as_ref() != Some(now) && !flags.force {
+            return Err(NetworkError::FileDiffers(
+                flags.ifcfg_dir.join(&bridge_file),
+            ));
+        }
+    }
+    let iface_file = format!("ifcfg-{interface}");
+    let iface_now = read(&iface_file)?;
     Ok(Plan {
-        host,
         subnet,
         gateway,
         held,
         wanted,
-        bridge_path: flags.ifcfg_dir.join(format!("ifcfg-{}", flags.bridge)),
-        iface_path: flags.ifcfg_dir.join(format!("ifcfg-{interface}")),
+        bridge_file,
+        bridge_now,
+        iface_file,
+        iface_now,
         interface,
         network_exists: existing_gateway.is_some(),
         adopt,
     })
 }
 
-fn print_dry_run(plan: &Plan, flags: &NetworkFlags) {
-    let host = &plan.host.name;
+/// The Docker network create-network makes.
+fn spec(plan: &Plan, flags: &NetworkFlags) -> NetworkSpec {
+    NetworkSpec {
+        name: flags.name.clone(),
+        bridge: flags.bridge.clone(),
+        mtu: flags.mtu,
+        subnet: plan.subnet,
+        router: plan.gateway,
+    }
+}
+
+fn print_dry_run(plan: &Plan, flags: &NetworkFlags, me: &HostIdentity) {
+    let host = &me.name;
     match (plan.held, plan.wanted) {
         (Some(a), _) => println!("would keep {a}, which this host holds"),
         (None, Some(a)) if plan.adopt.is_some() => println!(
@@ -312,19 +325,41 @@ fn print_dry_run(plan: &Plan, flags: &NetworkFlags) {
     if plan.network_exists {
         println!("would keep the existing Docker network {}", flags.name);
     } else {
-        let args = network_args(flags, plan.subnet, "<host address>", plan.gateway);
+        let args = docker::create_args(&spec(plan, flags), "<host address>");
         println!("would run: docker {}", args.join(" "));
     }
-    println!(
-        "would write {} (bridge {} with the host address)",
-        plan.bridge_path.display(),
-        flags.bridge
-    );
-    println!(
-        "would add BRIDGE={} to {}",
-        flags.bridge,
-        plan.iface_path.display()
-    );
+    let bridge_path = flags.ifcfg_dir.join(&plan.bridge_file);
+    let ours = plan
+        .held
+        .or(plan.wanted)
+        .map(|addr| ifcfg::bridge_text(&flags.bridge, addr, plan.gateway, plan.subnet, flags.mtu));
+    match &plan.bridge_now {
+        Some(now) if Some(now) == ours.as_ref() => {
+            println!("{} is up to date", bridge_path.display())
+        }
+        Some(_) => println!(
+            "would replace {} (bridge {} with the host address), keeping a backup",
+            bridge_path.display(),
+            flags.bridge
+        ),
+        None => println!(
+            "would write {} (bridge {} with the host address)",
+            bridge_path.display(),
+            flags.bridge
+        ),
+    }
+    let iface_path = flags.ifcfg_dir.join(&plan.iface_file);
+    let iface_text =
+        ifcfg::enslaved_text(plan.iface_now.as_deref(), &plan.interface, &flags.bridge);
+    if plan.iface_now.as_ref() == Some(&iface_text) {
+        println!("{} is up to date", iface_path.display());
+    } else {
+        println!(
+            "would add BRIDGE={} to {}",
+            flags.bridge,
+            iface_path.display()
+        );
+    }
     if !flags.no_restart {
         println!(
             "would run: systemctl stop NetworkManager; systemctl disable NetworkManager; \
@@ -333,25 +368,26 @@ fn print_dry_run(plan: &Plan, flags: &NetworkFlags) {
     }
 }
 
-/// Runs create-network; prints each step on stdout.
-pub fn create<K: Kv>(
+/// Runs create-network on `sys` with the pools in `kv`; prints each step on stdout.
+pub fn create<K: Kv, S: HostSystem>(
     kv: K,
     layout: &Layout,
     flags: &NetworkFlags,
     me: &HostIdentity,
+    sys: &mut S,
 ) -> Result<(), NetworkError> {
-    let plan = plan(&kv, layout, flags, me)?;
+    let mut alloc = Allocator::new(kv);
+    let plan = plan(&alloc, layout, flags, me, sys)?;
     if flags.dry_run {
-        print_dry_run(&plan, flags);
+        print_dry_run(&plan, flags, me);
         return Ok(());
     }
     let hosts = layout.hosts();
-    let mut alloc = Allocator::new(kv);
     let mut done = Vec::new();
-    match apply(&plan, flags, &mut alloc, &hosts, &mut done) {
+    match apply(&plan, flags, me, &mut alloc, &hosts, sys, &mut done) {
         Ok(()) => Ok(()),
         Err((step, error)) => {
-            let undone = undo(&mut alloc, &hosts, done);
+            let undone = undo(&mut alloc, &hosts, sys, &flags.ifcfg_dir, done);
             Err(NetworkError::Step {
                 step,
                 error,
@@ -362,11 +398,13 @@ pub fn create<K: Kv>(
 }
 
 /// Does the plan, recording in `done` each step that a later failure must undo.
-fn apply<K: Kv>(
+fn apply<K: Kv, S: HostSystem>(
     plan: &Plan,
     flags: &NetworkFlags,
+    me: &HostIdentity,
     alloc: &mut Allocator<K>,
     hosts: &PoolKeys,
+    sys: &mut S,
     done: &mut Vec<Done>,
 ) -> Result<(), (String, String)> {
     let addr = match plan.held {
@@ -375,7 +413,7 @@ fn apply<K: Kv>(
             addr
         }
         None => {
-            let owner = plan.host.owner(Role::Host, "", &crate::host::now());
+            let owner = me.owner(Role::Host, "", &sys.now());
             if let (Some(record), Some(addr)) = (&plan.adopt, plan.wanted) {
                 let ours = owner.to_json();
                 let adopted = alloc
@@ -414,60 +452,56 @@ fn apply<K: Kv>(
         }
     };
 
-    let bridge_text = bridge_ifcfg(&flags.bridge, addr, plan.gateway, plan.subnet, flags.mtu);
-    let existing_bridge =
-        read_optional(&plan.bridge_path).map_err(|e| step("reading the bridge config", e))?;
-    if existing_bridge.as_deref().is_some_and(|t| t != bridge_text) && !flags.force {
-        let refusal = NetworkError::FileDiffers(plan.bridge_path.clone());
-        return Err(step("writing the bridge config", refusal));
-    }
-    let existing_iface =
-        read_optional(&plan.iface_path).map_err(|e| step("reading the interface config", e))?;
-    let iface_text = enslaved_ifcfg(existing_iface.as_deref(), &plan.interface, &flags.bridge);
+    let dir = &flags.ifcfg_dir;
+    let bridge_text = ifcfg::bridge_text(&flags.bridge, addr, plan.gateway, plan.subnet, flags.mtu);
+    let iface_text =
+        ifcfg::enslaved_text(plan.iface_now.as_deref(), &plan.interface, &flags.bridge);
 
     if plan.network_exists {
         println!("Docker network {} exists already", flags.name);
     } else {
-        let args = network_args(flags, plan.subnet, &addr.to_string(), plan.gateway);
-        run("docker", &args).map_err(|e| step("docker network create", e))?;
+        sys.create_docker_network(&spec(plan, flags), addr)
+            .map_err(|e| step("docker network create", e))?;
         done.push(Done::CreatedNetwork(flags.name.clone()));
         println!("created Docker network {}", flags.name);
     }
 
-    for (path, text, existing) in [
-        (&plan.bridge_path, &bridge_text, existing_bridge),
-        (&plan.iface_path, &iface_text, existing_iface),
+    for (name, text, existing) in [
+        (&plan.bridge_file, &bridge_text, &plan.bridge_now),
+        (&plan.iface_file, &iface_text, &plan.iface_now),
     ] {
+        let path = dir.join(name);
         if existing.as_deref() == Some(text.as_str()) {
             println!("{} is up to date", path.display());
             continue;
         }
-        let backup = write_atomically(path, text, existing.is_some())
+        let backup = sys
+            .write_file(dir, name, text)
             .map_err(|e| step(&format!("writing {}", path.display()), e))?;
         match &backup {
             Some(b) => println!(
                 "wrote {} (the original is kept as {})",
                 path.display(),
-                b.display()
+                dir.join(b).display()
             ),
             None => println!("wrote {}", path.display()),
         }
         done.push(Done::WroteFile {
-            path: path.clone(),
+            name: name.clone(),
             backup,
         });
     }
 
     if !flags.no_restart {
-        if run("systemctl", &["is-active", "--quiet", "NetworkManager"]).is_ok() {
-            run("systemctl", &["stop", "NetworkManager"])
+        if sys.network_manager_active() {
+            sys.service(Service::StopNetworkManager)
                 .map_err(|e| step("stopping NetworkManager", e))?;
             done.push(Done::StoppedNetworkManager);
-            run("systemctl", &["disable", "NetworkManager"])
+            sys.service(Service::DisableNetworkManager)
                 .map_err(|e| step("disabling NetworkManager", e))?;
             println!("stopped and disabled NetworkManager");
         }
-        run("systemctl", &["restart", "network"])
+        sys.service(Service::RestartNetwork)
             .map_err(|e| step("restarting the network service", e))?;
         println!("restarted the network service");
     }
@@ -479,28 +513,32 @@ fn step(name: &str, error: impl fmt::Display) -> (String, String) {
 }
 
 /// Undoes `done` in reverse order; says what was undone and what could not be.
-fn undo<K: Kv>(alloc: &mut Allocator<K>, hosts: &PoolKeys, done: Vec<Done>) -> Vec<String> {
+fn undo<K: Kv, S: HostSystem>(
+    alloc: &mut Allocator<K>,
+    hosts: &PoolKeys,
+    sys: &mut S,
+    dir: &Path,
+    done: Vec<Done>,
+) -> Vec<String> {
     let mut said = Vec::new();
     for action in done.into_iter().rev() {
         let (what, result) = match action {
             Done::StoppedNetworkManager => (
                 "started NetworkManager again".to_string(),
-                run("systemctl", &["enable", "--now", "NetworkManager"]).map(|_| ()),
+                sys.service(Service::EnableNetworkManager)
+                    .map_err(|e| e.to_string()),
             ),
-            Done::WroteFile {
-                path,
-                backup: Some(backup),
-            } => (
-                format!("restored {}", path.display()),
-                fs::rename(&backup, &path).map_err(|e| e.to_string()),
-            ),
-            Done::WroteFile { path, backup: None } => (
-                format!("removed {}", path.display()),
-                fs::remove_file(&path).map_err(|e| e.to_string()),
+            Done::WroteFile { name, backup } => (
+                match backup {
+                    Some(_) => format!("restored {}", dir.join(&name).display()),
+                    None => format!("removed {}", dir.join(&name).display()),
+                },
+                sys.restore_file(dir, &name, backup.as_deref())
+                    .map_err(|e| e.to_string()),
             ),
             Done::CreatedNetwork(name) => (
                 format!("removed Docker network {name}"),
-                run("docker", &["network", "rm", &name]).map(|_| ()),
+                sys.remove_docker_network(&name).map_err(|e| e.to_string()),
             ),
             Done::Adopted {
                 addr,
@@ -534,12 +572,8 @@ fn give_back<K: Kv>(
     ours: &str,
     previous: &str,
 ) -> Result<(), String> {
-    let record = alloc
-        .kv()
-        .range(&Range::key(hosts.assigned(addr)))
-        .map_err(|e| e.to_string())?;
-    match record.first() {
-        Some(kv) if kv.value == ours => {
+    match alloc.record(hosts, addr).map_err(|e| e.to_string())? {
+        Record::Held(kv) if kv.value == ours => {
             match alloc.replace_owner(hosts, addr, kv.mod_revision, previous) {
                 Ok(true) => Ok(()),
                 Ok(false) => Err("its record changed meanwhile".into()),
@@ -553,283 +587,620 @@ fn give_back<K: Kv>(
 /// The original tool's record (migrated from etcd v2) of host address `addr`, if that is
 /// what holds it.
 fn original_record<K: Kv>(
-    kv: &K,
-    layout: &Layout,
+    alloc: &Allocator<K>,
+    hosts: &PoolKeys,
     addr: Ipv4Addr,
 ) -> Result<Option<KeyValue>, NetworkError> {
-    let record = kv.range(&Range::key(layout.hosts().assigned(addr)))?;
-    Ok(record
-        .into_iter()
-        .next()
-        .filter(|kv| Owner::from_json(&kv.value).is_some_and(|o| o.is_original())))
-}
-
-/// The IPv4 addresses `bridge` carries now (none if it does not exist).
-fn bridge_addrs(bridge: &str) -> Vec<Ipv4Addr> {
-    let Ok(out) = run("ip", &["-4", "-o", "addr", "show", "dev", bridge]) else {
-        return Vec::new();
-    };
-    let mut words = out.split_whitespace();
-    let mut found = Vec::new();
-    while let Some(word) = words.next() {
-        if word == "inet" {
-            if let Some(addr) = words.next().and_then(|a| a.split('/').next()?.parse().ok()) {
-                found.push(addr);
-            }
+    Ok(match alloc.record(hosts, addr)? {
+        Record::Held(kv) if Owner::from_json(&kv.value).is_some_and(|o| o.is_original()) => {
+            Some(kv)
         }
-    }
-    found
+        _ => None,
+    })
 }
 
 /// The host address this host already holds, if any.
 fn held_by<K: Kv>(
-    kv: &K,
-    layout: &Layout,
+    alloc: &Allocator<K>,
+    hosts: &PoolKeys,
     host: &HostIdentity,
 ) -> Result<Option<Ipv4Addr>, NetworkError> {
-    let hosts = layout.hosts();
-    let assigned = kv.range(&Range::prefix(hosts.assigned_dir.as_str()))?;
-    Ok(assigned.iter().find_map(|kv| {
+    let held = alloc.held(hosts)?;
+    Ok(held.into_iter().find_map(|(addr, kv)| {
         let owner = Owner::from_json(&kv.value)?;
-        (owner.role == Role::Host && host.is_holder(&owner))
-            .then(|| hosts.addr_of(&kv.key))
-            .flatten()
+        (owner.role == Role::Host && host.is_holder(&owner)).then_some(addr)
     }))
-}
-
-fn network_args(
-    flags: &NetworkFlags,
-    subnet: Ipv4Net,
-    addr: &str,
-    gateway: Ipv4Addr,
-) -> Vec<String> {
-    vec![
-        "network".into(),
-        "create".into(),
-        "--opt=com.docker.network.bridge.enable_icc=true".into(),
-        "--opt=com.docker.network.bridge.enable_ip_masquerade=false".into(),
-        "--opt=com.docker.network.bridge.host_binding_ipv4=0.0.0.0".into(),
-        format!("--opt=com.docker.network.bridge.name={}", flags.bridge),
-        format!("--opt=com.docker.network.driver.mtu={}", flags.mtu),
-        format!("--ipam-driver={IPAM_DRIVER}"),
-        format!("--subnet={subnet}"),
-        format!("--gateway={addr}"),
-        format!("--aux-address=DefaultGatewayIPv4={gateway}"),
-        flags.name.clone(),
-    ]
-}
-
-/// None if no Docker network `name` exists (or Docker cannot be asked); else its IPv4 gateway,
-/// if it has one.
-fn docker_network_gateway(name: &str) -> Option<Option<Ipv4Addr>> {
-    let format = "{{range .IPAM.Config}}{{.Gateway}} {{end}}";
-    let out = run("docker", &["network", "inspect", "--format", format, name]).ok()?;
-    Some(out.split_whitespace().find_map(|g| g.parse().ok()))
-}
-
-/// The device of the route to `gateway`, as `ip route get` tells.
-fn route_interface(gateway: Ipv4Addr) -> Result<String, NetworkError> {
-    let out = run("ip", &["-4", "route", "get", &gateway.to_string()])
-        .map_err(NetworkError::NoInterface)?;
-    let mut words = out.split_whitespace();
-    while let Some(word) = words.next() {
-        if word == "dev" {
-            if let Some(dev) = words.next() {
-                return Ok(dev.to_string());
-            }
-        }
-    }
-    Err(NetworkError::NoInterface(format!(
-        "no device in {:?}",
-        out.trim()
-    )))
-}
-
-/// Runs a program; its stdout on success, else its stderr's last line (or why it did not run).
-pub(crate) fn run<S: AsRef<str>>(program: &str, args: &[S]) -> Result<String, String> {
-    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
-    log::debug!("running {program} {}", args.join(" "));
-    let out = Command::new(program)
-        .args(&args)
-        .output()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
-    if out.status.success() {
-        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let last = stderr
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("")
-        .trim()
-        .to_string();
-    Err(format!(
-        "{program} {} exited with {}: {last}",
-        args.first().copied().unwrap_or_default(),
-        out.status
-    ))
-}
-
-fn read_optional(path: &Path) -> io::Result<Option<String>> {
-    match fs::read_to_string(path) {
-        Ok(text) => Ok(Some(text)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-/// Replaces `path` with `text` through a temporary file and a rename, so that it is never
-/// seen half-written. If it existed, the original is first copied to a `.bak` beside it
-/// (network scripts ignore `*.bak`); returns that backup's path. Both new files are created
-/// exclusively, so a file or symlink planted at their names is never written through, and
-/// an earlier backup is never overwritten.
-fn write_atomically(path: &Path, text: &str, existed: bool) -> io::Result<Option<PathBuf>> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let backup = if existed {
-        let original = fs::read(path)?;
-        let mode = fs::metadata(path)?.permissions().mode() & 0o777;
-        let stamp = crate::host::now().replace([':', '-'], "");
-        let base = format!("{name}.{}", &stamp[..15]);
-        let (backup, mut file) = create_exclusively(dir, &base, ".bak", mode)?;
-        let copied = file.write_all(&original).and_then(|()| file.sync_all());
-        if let Err(e) = copied {
-            let _ = fs::remove_file(&backup);
-            return Err(e);
-        }
-        Some(backup)
-    } else {
-        None
-    };
-    let base = format!(".{name}.tmp-{}", std::process::id());
-    let written = create_exclusively(dir, &base, "", 0o644).and_then(|(temp, mut file)| {
-        let done = file
-            .write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .and_then(|()| fs::rename(&temp, path));
-        if done.is_err() {
-            let _ = fs::remove_file(&temp);
-        }
-        done
-    });
-    if let Err(e) = written {
-        if let Some(b) = &backup {
-            let _ = fs::remove_file(b);
-        }
-        return Err(e);
-    }
-    Ok(backup)
-}
-
-/// Creates `<base><suffix>` in `dir`, or `<base>.1<suffix>`, `.2`, ... if that name is
-/// taken: `create_new` fails on any existing entry, a symlink included, so nothing planted
-/// there is followed.
-fn create_exclusively(
-    dir: &Path,
-    base: &str,
-    suffix: &str,
-    mode: u32,
-) -> io::Result<(PathBuf, fs::File)> {
-    use std::os::unix::fs::OpenOptionsExt;
-    for n in 0..100 {
-        let name = match n {
-            0 => format!("{base}{suffix}"),
-            n => format!("{base}.{n}{suffix}"),
-        };
-        let path = dir.join(name);
-        match fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&path)
-        {
-            Ok(file) => return Ok((path, file)),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(io::Error::new(
-        io::ErrorKind::AlreadyExists,
-        format!("100 files named {base}*{suffix} exist in {}", dir.display()),
-    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::fs;
+
+    use crate::addr::AddrRange;
+    use crate::exec::RunError;
+    use crate::hostnet::RouteError;
+    use crate::kv::memory::{Fault, MemKv};
+    use crate::kv::{Op, Range, Txn};
+
+    const NOW: &str = "2026-11-22T00:00:00.000000000Z";
+
+    /// A host in memory, but for its ifcfg directory: a scratch directory written through
+    /// `ifcfg`, so that trees are compared. Every call is recorded; the changing calls are
+    /// numbered from 0, and those in `fail` fail without changing anything.
+    #[derive(Default)]
+    struct FakeHost {
+        /// Docker networks: name and gateway.
+        networks: BTreeMap<String, Option<Ipv4Addr>>,
+        bridge_addrs: Vec<Ipv4Addr>,
+        /// The device of the route to the hosts' gateway; None: `ip` finds none.
+        route: Option<String>,
+        nm_active: bool,
+        nm_enabled: bool,
+        restarts: u32,
+        calls: RefCell<Vec<String>>,
+        changes: usize,
+        fail: BTreeSet<usize>,
+    }
+
+    /// Everything a `FakeHost` holds that create-network may change.
+    type HostState = (
+        BTreeMap<String, Option<Ipv4Addr>>,
+        bool,
+        bool,
+        u32,
+        Vec<(String, String)>,
+    );
+
+    impl FakeHost {
+        fn look(&self, call: String) {
+            self.calls.borrow_mut().push(call);
+        }
+
+        /// Records a changing call; whether it is to fail.
+        fn change(&mut self, call: String) -> bool {
+            self.calls.borrow_mut().push(call);
+            self.changes += 1;
+            self.fail.contains(&(self.changes - 1))
+        }
+
+        fn refused() -> RunError {
+            RunError::Spawn {
+                program: "fake".into(),
+                error: io::Error::other("injected failure"),
+            }
+        }
+
+        fn state(&self, dir: &Path) -> HostState {
+            (
+                self.networks.clone(),
+                self.nm_active,
+                self.nm_enabled,
+                self.restarts,
+                tree(dir),
+            )
+        }
+    }
+
+    impl HostSystem for FakeHost {
+        fn docker_network(&self, name: &str) -> Option<Option<Ipv4Addr>> {
+            self.look(format!("docker network inspect {name}"));
+            self.networks.get(name).copied()
+        }
+
+        fn create_docker_network(
+            &mut self,
+            spec: &NetworkSpec,
+            gateway: Ipv4Addr,
+        ) -> Result<(), RunError> {
+            if self.change(format!("docker network create {} {gateway}", spec.name)) {
+                return Err(FakeHost::refused());
+            }
+            self.networks.insert(spec.name.clone(), Some(gateway));
+            Ok(())
+        }
+
+        fn remove_docker_network(&mut self, name: &str) -> Result<(), RunError> {
+            if self.change(format!("docker network rm {name}")) {
+                return Err(FakeHost::refused());
+            }
+            self.networks.remove(name);
+            Ok(())
+        }
+
+        fn bridge_addrs(&self, bridge: &str) -> Vec<Ipv4Addr> {
+            self.look(format!("ip addr show {bridge}"));
+            self.bridge_addrs.clone()
+        }
+
+        fn route_interface(&self, gateway: Ipv4Addr) -> Result<String, RouteError> {
+            self.look(format!("ip route get {gateway}"));
+            self.route
+                .clone()
+                .ok_or_else(|| RouteError::NoDevice("unreachable".into()))
+        }
+
+        fn network_manager_active(&self) -> bool {
+            self.look("systemctl is-active NetworkManager".into());
+            self.nm_active
+        }
+
+        fn service(&mut self, change: Service) -> Result<(), RunError> {
+            if self.change(format!("{change:?}")) {
+                return Err(FakeHost::refused());
+            }
+            match change {
+                Service::StopNetworkManager => self.nm_active = false,
+                Service::DisableNetworkManager => self.nm_enabled = false,
+                Service::EnableNetworkManager => (self.nm_active, self.nm_enabled) = (true, true),
+                Service::RestartNetwork => self.restarts += 1,
+            }
+            Ok(())
+        }
+
+        fn is_dir(&self, dir: &Path) -> bool {
+            self.look(format!("is-dir {}", dir.display()));
+            ifcfg::is_dir(dir)
+        }
+
+        fn read_file(&self, dir: &Path, name: &str) -> io::Result<Option<String>> {
+            self.look(format!("read {name}"));
+            ifcfg::read(dir, name)
+        }
+
+        fn write_file(&mut self, dir: &Path, name: &str, text: &str) -> io::Result<Option<String>> {
+            if self.change(format!("write {name}")) {
+                return Err(io::Error::other("injected failure"));
+            }
+            ifcfg::write(dir, name, text)
+        }
+
+        fn restore_file(&mut self, dir: &Path, name: &str, backup: Option<&str>) -> io::Result<()> {
+            if self.change(format!("restore {name}")) {
+                return Err(io::Error::other("injected failure"));
+            }
+            ifcfg::restore(dir, name, backup)
+        }
+
+        fn now(&self) -> String {
+            NOW.into()
+        }
+    }
+
+    /// Each file of `dir` and its text, by name.
+    fn tree(dir: &Path) -> Vec<(String, String)> {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut files: Vec<(String, String)> = entries
+            .map(|e| {
+                let e = e.unwrap();
+                let text = fs::read_to_string(e.path()).unwrap_or_else(|_| "<unreadable>".into());
+                (e.file_name().into_string().unwrap(), text)
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// A host h1 whose hosts' subnet 192.0.2.0/24 (router .1) pools hosts .10-.12 and
+    /// containers .100-.110; NetworkManager runs, the route to the router goes by eth1,
+    /// and its ifcfg directory is empty.
+    struct World {
+        kv: MemKv,
+        layout: Layout,
+        host: FakeHost,
+        me: HostIdentity,
+        flags: NetworkFlags,
+    }
+
+    /// Changes a fresh world into the one a test needs.
+    type Setup = fn(&mut World);
+
+    /// Whether an error is the refusal expected.
+    type Refused = fn(&NetworkError) -> bool;
+
+    const ROUTER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+
+    fn addr(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(192, 0, 2, last)
+    }
+
+    impl World {
+        fn new(test: &str) -> World {
+            let world = World::bare(test);
+            let hosts = AddrRange::parse("192.0.2.10/24", "192.0.2.12/24").unwrap();
+            pools::add_host_range(&world.kv, &world.layout, hosts, ROUTER, &mut |_, _| {}).unwrap();
+            let containers = AddrRange::parse("192.0.2.100/24", "192.0.2.110/24").unwrap();
+            pools::add_container_range(&world.kv, &world.layout, containers, &mut |_, _| {})
+                .unwrap();
+            world
+        }
+
+        /// No pools defined.
+        fn bare(test: &str) -> World {
+            let dir =
+                std::env::temp_dir().join(format!("oam-network-{test}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            World {
+                kv: MemKv::new(),
+                layout: Layout::new("/talkingdata"),
+                host: FakeHost {
+                    route: Some("eth1".into()),
+                    nm_active: true,
+                    nm_enabled: true,
+                    ..FakeHost::default()
+                },
+                me: HostIdentity::new("h1", "id-h1"),
+                flags: NetworkFlags {
+                    ip: None,
+                    name: "mynet".into(),
+                    bridge: "br0".into(),
+                    mtu: 1500,
+                    interface: None,
+                    ifcfg_dir: dir,
+                    force: false,
+                    no_restart: false,
+                    dry_run: false,
+                },
+            }
+        }
+
+        fn dir(&self) -> PathBuf {
+            self.flags.ifcfg_dir.clone()
+        }
+
+        fn file(&self, name: &str, text: &str) {
+            fs::write(self.dir().join(name), text).unwrap();
+        }
+
+        fn create(&mut self) -> Result<(), NetworkError> {
+            let flags = self.flags.clone();
+            create(&self.kv, &self.layout, &flags, &self.me, &mut self.host)
+        }
+
+        /// Every key, value and revision: any write shows, even one undone.
+        fn store(&self) -> Vec<KeyValue> {
+            self.kv.range(&Range::prefix("/")).unwrap()
+        }
+
+        /// Records `owner` as holding host address `a`, as a taking would.
+        fn hold(&self, a: Ipv4Addr, owner: &Owner) {
+            let hosts = self.layout.hosts();
+            let txn = Txn {
+                compares: vec![],
+                success: vec![
+                    Op::delete(hosts.pool(a)),
+                    Op::put(hosts.assigned(a), owner.to_json()),
+                ],
+                failure: vec![],
+            };
+            assert!(self.kv.txn(&txn).unwrap().succeeded);
+        }
+
+        fn holder(&self, a: Ipv4Addr) -> Option<String> {
+            let record = self.kv.range(&Range::key(self.layout.hosts().assigned(a)));
+            record.unwrap().into_iter().next().map(|kv| kv.value)
+        }
+    }
+
+    impl Drop for World {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.flags.ifcfg_dir);
+        }
+    }
 
     #[test]
-    fn bridge_config_matches_the_seed() {
-        let text = bridge_ifcfg(
-            "br0",
-            "192.0.2.85".parse().unwrap(),
-            "192.0.2.1".parse().unwrap(),
-            "192.0.0.0/18".parse().unwrap(),
-            1500,
+    fn sets_up_a_fresh_host_then_a_rerun_changes_nothing() {
+        let mut w = World::new("fresh");
+        w.file("ifcfg-eth1", "DEVICE=eth1\nONBOOT=yes\n");
+        w.create().unwrap();
+
+        let hosts = w.layout.hosts();
+        let alloc = Allocator::new(&w.kv);
+        let held = alloc.held(&hosts).unwrap();
+        assert_eq!(held.len(), 1, "{held:?}");
+        let (a, record) = &held[0];
+        assert_eq!(record.value, w.me.owner(Role::Host, "", NOW).to_json());
+        assert_eq!(w.host.networks.get("mynet"), Some(&Some(*a)));
+        let files = tree(&w.dir());
+        let bridge = ifcfg::bridge_text("br0", *a, ROUTER, "192.0.2.0/24".parse().unwrap(), 1500);
+        assert_eq!(files[0], ("ifcfg-br0".into(), bridge));
+        assert_eq!(
+            files[1],
+            (
+                "ifcfg-eth1".into(),
+                "DEVICE=eth1\nONBOOT=yes\nBRIDGE=br0\n".into()
+            )
+        );
+        assert!(files[2].0.starts_with("ifcfg-eth1.") && files[2].0.ends_with(".bak"));
+        assert_eq!(files[2].1, "DEVICE=eth1\nONBOOT=yes\n");
+        assert_eq!(files.len(), 3);
+        assert_eq!(
+            (w.host.nm_active, w.host.nm_enabled, w.host.restarts),
+            (false, false, 1)
         );
         assert_eq!(
-            text,
-            "DEVICE=br0\nTYPE=Bridge\nBOOTPROTO=static\nIPADDR=192.0.2.85\nGATEWAY=192.0.2.1\n\
-             NETMASK=255.255.192.0\nONBOOT=yes\nNOZEROCONF=yes\nIPV6INIT=no\nNM_CONTROLLED=no\nDELAY=0\n"
+            w.host.calls.borrow()[w.host.calls.borrow().len() - 7..],
+            [
+                format!("docker network create mynet {a}"),
+                "write ifcfg-br0".into(),
+                "write ifcfg-eth1".into(),
+                "systemctl is-active NetworkManager".into(),
+                "StopNetworkManager".into(),
+                "DisableNetworkManager".into(),
+                "RestartNetwork".into(),
+            ]
         );
-    }
 
-    #[test]
-    fn enslaving_adds_or_replaces_one_bridge_line() {
-        let old = "DEVICE=eth0\nONBOOT=yes\nBRIDGE=br9\n";
+        // The same again keeps the address, the network and the files.
+        let (store, host) = (w.store(), w.host.state(&w.dir()));
+        let changes = w.host.changes;
+        w.create().unwrap();
+        assert_eq!(w.store(), store);
+        let (networks, _, _, restarts, files) = w.host.state(&w.dir());
+        assert_eq!((networks, restarts - 1, files), (host.0, host.3, host.4));
         assert_eq!(
-            enslaved_ifcfg(Some(old), "eth0", "br0"),
-            "DEVICE=eth0\nONBOOT=yes\nBRIDGE=br0\n"
+            w.host.changes,
+            changes + 1,
+            "only the network service restarts"
         );
-        let fresh = enslaved_ifcfg(None, "eth0", "br0");
-        assert!(fresh.starts_with("DEVICE=eth0\n") && fresh.ends_with("BRIDGE=br0\n"));
-        let again = enslaved_ifcfg(Some(&fresh), "eth0", "br0");
-        assert_eq!(again, fresh);
     }
 
     #[test]
-    fn planted_links_are_never_followed_and_backups_never_overwritten() {
-        let dir = std::env::temp_dir().join(format!("oam-net-plant-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        let victim = dir.join("victim");
-        fs::write(&victim, "precious\n").unwrap();
-        let path = dir.join("ifcfg-br0");
-        fs::write(&path, "one\n").unwrap();
-        // The names an attacker can predict: the temporary file and this second's backup.
-        let temp = dir.join(format!(".ifcfg-br0.tmp-{}", std::process::id()));
-        std::os::unix::fs::symlink(&victim, &temp).unwrap();
-        let stamp = crate::host::now().replace([':', '-'], "");
-        let predicted = dir.join(format!("ifcfg-br0.{}.bak", &stamp[..15]));
-        std::os::unix::fs::symlink(&victim, &predicted).unwrap();
+    fn a_dry_run_changes_nothing() {
+        let mut w = World::new("dry");
+        w.flags.dry_run = true;
+        w.flags.ip = Some(addr(11));
+        let (store, host) = (w.store(), w.host.state(&w.dir()));
+        w.create().unwrap();
+        assert_eq!(w.host.changes, 0);
+        assert_eq!(w.store(), store);
+        assert_eq!(w.host.state(&w.dir()), host);
+    }
 
-        let first = write_atomically(&path, "two\n", true).unwrap().unwrap();
-        let second = write_atomically(&path, "three\n", true).unwrap().unwrap();
-        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
-        assert_ne!(first, second);
-        assert_eq!(fs::read_to_string(&first).unwrap(), "one\n");
-        assert_eq!(fs::read_to_string(&second).unwrap(), "two\n");
-        assert_eq!(fs::read_to_string(&path).unwrap(), "three\n");
-        assert!(fs::symlink_metadata(&temp)
-            .unwrap()
-            .file_type()
-            .is_symlink());
-        fs::remove_dir_all(&dir).unwrap();
+    /// Each refusal, as a change to a fresh world, and what it is refused with.
+    fn refusals() -> Vec<(&'static str, Setup, Refused)> {
+        vec![
+            (
+                "no host pool",
+                |w| *w = World::bare("refused-bare"),
+                |e| matches!(e, NetworkError::NoHostPool),
+            ),
+            (
+                "a hosts config this tool does not write",
+                |w| {
+                    let put = Txn {
+                        success: vec![Op::put(w.layout.hosts_config(), "nonsense")],
+                        ..Txn::default()
+                    };
+                    w.kv.txn(&put).unwrap();
+                },
+                |e| matches!(e, NetworkError::BadHostsConfig(v) if v == "nonsense"),
+            ),
+            (
+                "no container pool",
+                |w| {
+                    let config = w.layout.container_config(addr(0));
+                    let delete = Txn {
+                        success: vec![Op::delete(config)],
+                        ..Txn::default()
+                    };
+                    w.kv.txn(&delete).unwrap();
+                },
+                |e| matches!(e, NetworkError::NoContainerPool(_)),
+            ),
+            (
+                "this host holds another address",
+                |w| {
+                    w.hold(addr(10), &w.me.owner(Role::Host, "", NOW));
+                    w.flags.ip = Some(addr(11));
+                },
+                |e| matches!(e, NetworkError::HoldsAnother { held, asked } if *held == addr(10) && *asked == addr(11)),
+            ),
+            (
+                "no ifcfg directory",
+                |w| w.flags.ifcfg_dir = w.dir().join("missing"),
+                |e| matches!(e, NetworkError::NoIfcfgDir(_)),
+            ),
+            (
+                "no route to the router",
+                |w| w.host.route = None,
+                |e| matches!(e, NetworkError::NoInterface(_)),
+            ),
+            (
+                "the network's gateway is another address",
+                |w| {
+                    w.host.networks.insert("mynet".into(), Some(addr(12)));
+                    w.flags.ip = Some(addr(11));
+                },
+                |e| matches!(e, NetworkError::NetworkDiffers { detail, .. } if detail.contains("gateway 192.0.2.12")),
+            ),
+            (
+                "the network has no IPv4 gateway",
+                |w| {
+                    w.host.networks.insert("mynet".into(), None);
+                },
+                |e| matches!(e, NetworkError::NetworkDiffers { detail, .. } if detail == "no IPv4 gateway"),
+            ),
+            (
+                "the address is another host's",
+                |w| {
+                    w.hold(
+                        addr(11),
+                        &HostIdentity::new("h2", "id-h2").owner(Role::Host, "", NOW),
+                    );
+                    w.flags.ip = Some(addr(11));
+                },
+                |e| matches!(e, NetworkError::Alloc(AllocError::InUse { .. })),
+            ),
+            (
+                "the address is not in the pool",
+                |w| w.flags.ip = Some("198.51.100.7".parse().unwrap()),
+                |e| matches!(e, NetworkError::Alloc(AllocError::NotInPool { .. })),
+            ),
+            (
+                "a different ifcfg-br0, the address given",
+                |w| {
+                    w.file("ifcfg-br0", "DEVICE=br0\nIPADDR=203.0.113.9\n");
+                    w.flags.ip = Some(addr(11));
+                },
+                |e| matches!(e, NetworkError::FileDiffers(p) if p.ends_with("ifcfg-br0")),
+            ),
+            (
+                "an ifcfg-br0, the address still to pick",
+                |w| {
+                    let subnet = "192.0.2.0/24".parse().unwrap();
+                    w.file(
+                        "ifcfg-br0",
+                        &ifcfg::bridge_text("br0", addr(11), ROUTER, subnet, 1500),
+                    );
+                },
+                |e| matches!(e, NetworkError::FileDiffers(_)),
+            ),
+            (
+                "a different ifcfg-br0, the address held",
+                |w| {
+                    w.hold(addr(10), &w.me.owner(Role::Host, "", NOW));
+                    let subnet = "192.0.2.0/24".parse().unwrap();
+                    w.file(
+                        "ifcfg-br0",
+                        &ifcfg::bridge_text("br0", addr(10), ROUTER, subnet, 9000),
+                    );
+                },
+                |e| matches!(e, NetworkError::FileDiffers(_)),
+            ),
+            (
+                "an unreadable ifcfg file",
+                |w| fs::create_dir(w.dir().join("ifcfg-eth1")).unwrap(),
+                |e| matches!(e, NetworkError::Unreadable { path, .. } if path.ends_with("ifcfg-eth1")),
+            ),
+        ]
     }
 
     #[test]
-    fn atomic_writes_keep_a_backup() {
-        let dir = std::env::temp_dir().join(format!("oam-net-test-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("ifcfg-br0");
-        assert_eq!(write_atomically(&path, "one\n", false).unwrap(), None);
-        let backup = write_atomically(&path, "two\n", true).unwrap().unwrap();
-        assert_eq!(fs::read_to_string(&path).unwrap(), "two\n");
-        assert_eq!(fs::read_to_string(&backup).unwrap(), "one\n");
-        fs::remove_dir_all(&dir).unwrap();
+    fn every_refusal_comes_before_the_first_change() {
+        for (what, setup, refused) in refusals() {
+            for dry_run in [false, true] {
+                let mut w = World::new("refused");
+                setup(&mut w);
+                w.flags.dry_run = dry_run;
+                let (store, host) = (w.store(), w.host.state(&w.dir()));
+                let e = w.create().unwrap_err();
+                assert!(
+                    refused(&e),
+                    "{what} (dry run {dry_run}): refused with {e:?}"
+                );
+                assert_eq!(w.host.changes, 0, "{what}: {:?}", w.host.calls.borrow());
+                assert_eq!(w.store(), store, "{what}: the store changed");
+                assert_eq!(w.host.state(&w.dir()), host, "{what}: the host changed");
+            }
+        }
+    }
+
+    #[test]
+    fn adopts_the_address_the_original_gave_this_host() {
+        let mut w = World::new("adopt");
+        w.hold(addr(11), &Owner::original(Role::Host, NOW));
+        w.host.bridge_addrs = vec![addr(11)];
+        w.create().unwrap();
+        let ours = w.me.owner(Role::Host, "", NOW).to_json();
+        assert_eq!(w.holder(addr(11)), Some(ours));
+        assert_eq!(w.host.networks.get("mynet"), Some(&Some(addr(11))));
+    }
+
+    /// Worlds in which create-network changes the store and the host in different ways.
+    fn scenarios() -> Vec<(&'static str, Setup)> {
+        vec![
+            ("any free address, the interface's file backed up", |w| {
+                w.file("ifcfg-eth1", "DEVICE=eth1\nONBOOT=yes\n")
+            }),
+            (
+                "a given address, a different ifcfg-br0 replaced with --force",
+                |w| {
+                    w.file("ifcfg-br0", "DEVICE=br0\nIPADDR=203.0.113.9\n");
+                    w.flags.ip = Some(addr(11));
+                    w.flags.force = true;
+                },
+            ),
+            ("the original's address on the bridge, adopted", |w| {
+                w.hold(addr(11), &Owner::original(Role::Host, NOW));
+                w.host.bridge_addrs = vec![addr(11)];
+            }),
+            (
+                "an existing network's gateway, NetworkManager stopped",
+                |w| {
+                    w.host.networks.insert("mynet".into(), Some(addr(12)));
+                    w.host.nm_active = false;
+                },
+            ),
+        ]
+    }
+
+    #[test]
+    fn a_failure_at_any_step_is_undone_exactly() {
+        for (what, setup) in scenarios() {
+            // Step 0 is the write to the store, step n the host's change n - 1.
+            for step in 0.. {
+                let mut w = World::new("undo");
+                setup(&mut w);
+                let (store, host) = (w.kv.dump(), w.host.state(&w.dir()));
+                if step == 0 {
+                    // A dry run counts the plan's reads: those pass, the write after fails.
+                    w.flags.dry_run = true;
+                    let before = w.kv.calls.get();
+                    w.create().unwrap();
+                    w.flags.dry_run = false;
+                    w.kv.fail_next((w.kv.calls.get() - before) as usize, Fault::Pass);
+                    w.kv.fail_next(1, Fault::Down);
+                } else {
+                    w.host.fail.insert(step - 1);
+                }
+                match w.create() {
+                    Err(NetworkError::Step {
+                        step: s, undone, ..
+                    }) => {
+                        assert!(
+                            undone.iter().all(|u| !u.starts_with("NOT")),
+                            "{what}, step {step} ({s}): {undone:?}"
+                        );
+                    }
+                    Ok(()) => {
+                        assert!(step > 3, "{what}: only {step} steps");
+                        break;
+                    }
+                    Err(e) => panic!("{what}, step {step}: {e}"),
+                }
+                assert_eq!(w.kv.dump(), store, "{what}, step {step}: the store");
+                assert_eq!(
+                    w.host.state(&w.dir()),
+                    host,
+                    "{what}, step {step}: the host"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_undo_that_fails_is_reported_and_the_rest_still_undone() {
+        let mut w = World::new("undo-fails");
+        w.flags.ip = Some(addr(11));
+        // Change 1 writes ifcfg-br0; change 2 is the undo's removal of the network.
+        w.host.fail = BTreeSet::from([1, 2]);
+        let e = w.create().unwrap_err();
+        let path = w.dir().join("ifcfg-br0");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "writing {} failed: injected failure; undone: NOT removed Docker network mynet \
+                 (cannot run fake: injected failure), released host address 192.0.2.11",
+                path.display()
+            )
+        );
+        assert_eq!(w.holder(addr(11)), None);
+        assert_eq!(w.host.networks.get("mynet"), Some(&Some(addr(11))));
     }
 }

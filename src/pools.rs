@@ -271,6 +271,29 @@ pub enum ContainerNetwork {
     Undefined,
 }
 
+/// What etcd says of the hosts' network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostsNetwork {
+    /// Defined by `host-range`: the subnet hosts and containers share, and its router.
+    Defined { subnet: Ipv4Net, gateway: Ipv4Addr },
+    /// Its config key holds something that is not what `host-range` writes.
+    Unusable(String),
+    /// No `host-range` has been run.
+    Undefined,
+}
+
+/// Reads the hosts' subnet and router.
+pub fn hosts_network<K: Kv>(kv: &K, layout: &Layout) -> Result<HostsNetwork, StoreError> {
+    let key = layout.hosts_config();
+    let Some(stored) = kv.range(&Range::key(key))?.into_iter().next() else {
+        return Ok(HostsNetwork::Undefined);
+    };
+    Ok(match HostsConfig::parse(&stored.value) {
+        Some((subnet, gateway)) => HostsNetwork::Defined { subnet, gateway },
+        None => HostsNetwork::Unusable(stored.value),
+    })
+}
+
 /// Reads the container network `id` (a PoolID), and if v3 does not define it, whether the
 /// original's v2 data does.
 pub fn container_network<K: Kv>(

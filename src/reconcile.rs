@@ -12,10 +12,11 @@ use ipnet::Ipv4Net;
 use serde_json::Value;
 
 use crate::alloc::{move_back_txn, AllocError, Allocator, Taken};
+use crate::docker::{self, IPAM_DRIVER};
+use crate::exec::RunError;
 use crate::inspect::Snapshot;
 use crate::kv::{Compare, KeyValue, Kv, StoreError};
 use crate::layout::{describe_holder, HostIdentity, HostMatch, Layout, Owner, Role};
-use crate::network::IPAM_DRIVER;
 
 /// A record younger than this when the run started is never called leaked: its container may
 /// still be starting, its endpoint not yet listed.
@@ -25,7 +26,7 @@ const GRACE_SECS: u64 = 10;
 #[derive(Debug)]
 pub enum ReconcileError {
     /// The docker command failed or could not run.
-    Docker(String),
+    Docker(RunError),
     /// Docker answered something that is not what `docker network inspect` prints.
     BadDockerAnswer(String),
     Store(StoreError),
@@ -84,15 +85,11 @@ pub struct DockerView {
 
 /// Reads the talkingdata networks' endpoints with `docker network ls` and `inspect`.
 pub fn docker_view() -> Result<DockerView, ReconcileError> {
-    let ids = crate::network::run("docker", &["network", "ls", "-q", "--no-trunc"])
-        .map_err(ReconcileError::Docker)?;
-    let ids: Vec<&str> = ids.split_whitespace().collect();
+    let ids = docker::network_ids().map_err(ReconcileError::Docker)?;
     if ids.is_empty() {
         return Ok(DockerView::default());
     }
-    let mut args = vec!["network", "inspect"];
-    args.extend(ids);
-    let json = crate::network::run("docker", &args).map_err(ReconcileError::Docker)?;
+    let json = docker::inspect_networks(&ids).map_err(ReconcileError::Docker)?;
     parse_networks(&json)
 }
 
