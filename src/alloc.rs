@@ -391,15 +391,20 @@ impl<K: Kv> Allocator<K> {
         &self.kv
     }
 
-    /// What the pool says of `addr` now; a read, nothing changes.
+    /// What the pool says of `addr` now; a read, nothing changes. One transaction reads both
+    /// directories at one revision, so a move between them cannot show as neither.
     pub fn record(&self, keys: &PoolKeys, addr: Ipv4Addr) -> Result<Record, StoreError> {
-        // pool/ first: an address taken between the two reads then shows as held, not as
-        // missing from both.
-        let free = !self.kv.range(&Range::key(keys.pool(addr)))?.is_empty();
-        let held = self.kv.range(&Range::key(keys.assigned(addr)))?;
-        Ok(match held.into_iter().next() {
-            Some(record) => Record::Held(record),
-            None if free => Record::Free,
+        let read = Txn {
+            success: vec![
+                Op::Range(Range::key(keys.pool(addr)).keys_only()),
+                Op::Range(Range::key(keys.assigned(addr))),
+            ],
+            ..Txn::default()
+        };
+        let found = self.kv.txn(&read)?;
+        Ok(match found.range(1).first() {
+            Some(record) => Record::Held(record.clone()),
+            None if !found.range(0).is_empty() => Record::Free,
             None => Record::NotInPool,
         })
     }
