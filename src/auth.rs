@@ -4,7 +4,6 @@
 //! messages, not HTTP.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// A password: printed as `***` by `Debug`, and never by `Display` (it has none).
@@ -14,22 +13,6 @@ pub struct Secret(String);
 impl Secret {
     pub fn new(text: String) -> Secret {
         Secret(text)
-    }
-
-    /// The first line of `path`, without its line ending.
-    pub fn from_file(path: &Path) -> Result<Secret, AuthError> {
-        let text = std::fs::read_to_string(path).map_err(|e| AuthError::PasswordFile {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        let line = text.lines().next().unwrap_or_default();
-        if line.is_empty() {
-            return Err(AuthError::PasswordFile {
-                path: path.to_path_buf(),
-                reason: "its first line is empty".into(),
-            });
-        }
-        Ok(Secret(line.to_string()))
     }
 
     pub fn expose(&self) -> &str {
@@ -163,8 +146,6 @@ pub fn meaning(message: &str) -> Meaning {
 /// Why authentication failed or was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthError {
-    /// The password file cannot be read or its first line is empty.
-    PasswordFile { path: PathBuf, reason: String },
     /// etcd refused the user and password.
     BadPassword {
         endpoint: String,
@@ -186,9 +167,6 @@ pub enum AuthError {
 impl fmt::Display for AuthError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            AuthError::PasswordFile { path, reason } => {
-                write!(f, "password file {}: {reason}", path.display())
-            }
             AuthError::BadPassword {
                 endpoint,
                 user,
@@ -290,17 +268,5 @@ mod tests {
         assert!(matches!(s.current(), Current::Token(t) if &*t == "new"));
         s.forget("new");
         assert!(matches!(s.current(), Current::Missing));
-    }
-
-    #[test]
-    fn the_password_file_gives_its_first_line() {
-        let path = std::env::temp_dir().join(format!("oam-secret-{}", std::process::id()));
-        std::fs::write(&path, "pw with spaces\r\nsecond\n").unwrap();
-        let got = Secret::from_file(&path);
-        std::fs::write(&path, "\nx\n").unwrap();
-        let empty = Secret::from_file(&path);
-        let _ = std::fs::remove_file(&path);
-        assert_eq!(got.unwrap().expose(), "pw with spaces");
-        assert!(empty.is_err());
     }
 }

@@ -6,8 +6,9 @@ use std::io::{IsTerminal, Write};
 use std::net::Ipv4Addr;
 
 use crate::alloc::{AllocError, Allocator, Released};
-use crate::auth::{AuthError, Credentials, Secret};
+use crate::auth::Credentials;
 use crate::cli::{Command, Global, Password, ShowFlags, UsageError};
+use crate::config;
 use crate::etcd::V2Tree;
 use crate::etcd::{Client, Security};
 use crate::inspect::{self, Listing, ShowError, Snapshot};
@@ -63,7 +64,7 @@ pub enum Failure {
     /// The TLS files cannot be used (exit status 2, as a malformed setting).
     Tls(TlsError),
     /// The password file cannot be read (exit status 2).
-    Password(AuthError),
+    Password(config::PasswordFileError),
 }
 
 impl Failure {
@@ -359,7 +360,7 @@ fn security(global: &Global) -> Result<Security, Failure> {
         (Some(user), Some(password)) => Some(Credentials {
             user: user.clone(),
             password: match password {
-                Password::File(path) => Secret::from_file(path).map_err(Failure::Password)?,
+                Password::File(path) => config::read_password(path).map_err(Failure::Password)?,
                 Password::Given(secret) => secret.clone(),
             },
         }),

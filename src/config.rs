@@ -2,9 +2,12 @@
 //! (`/etc/sysconfig/oam-docker-ipam`, or `--config FILE`): systemd `EnvironmentFile=` syntax,
 //! read as data (`KEY=value`, optionally quoted; `#`/`;` comment lines), never run by a
 //! shell. It holds the same variable names as the environment; `cli` decides precedence.
+//! Also the password file it or `--password-file` names: the other file an operator writes.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+
+use crate::auth::Secret;
 
 /// Where the packaged service reads its settings (its `EnvironmentFile=`).
 pub const DEFAULT_PATH: &str = "/etc/sysconfig/oam-docker-ipam";
@@ -161,6 +164,35 @@ fn unquote(value: &str) -> String {
     value.to_string()
 }
 
+/// The password file cannot be read, or its first line is empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PasswordFileError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+impl fmt::Display for PasswordFileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "password file {}: {}", self.path.display(), self.reason)
+    }
+}
+
+impl std::error::Error for PasswordFileError {}
+
+/// The first line of the password file at `path`, without its line ending.
+pub fn read_password(path: &Path) -> Result<Secret, PasswordFileError> {
+    let failed = |reason: String| PasswordFileError {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| failed(e.to_string()))?;
+    let line = text.lines().next().unwrap_or_default();
+    if line.is_empty() {
+        return Err(failed("its first line is empty".into()));
+    }
+    Ok(Secret::new(line.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,6 +244,21 @@ mod tests {
             err.to_string()
                 .starts_with("--config /nonexistent/ipam.conf: "),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn the_password_file_gives_its_first_line() {
+        let path = std::env::temp_dir().join(format!("oam-secret-{}", std::process::id()));
+        std::fs::write(&path, "pw with spaces\r\nsecond\n").unwrap();
+        let got = read_password(&path);
+        std::fs::write(&path, "\nx\n").unwrap();
+        let empty = read_password(&path);
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(got.unwrap().expose(), "pw with spaces");
+        assert_eq!(
+            empty.unwrap_err().to_string(),
+            format!("password file {}: its first line is empty", path.display())
         );
     }
 }
