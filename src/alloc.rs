@@ -889,8 +889,8 @@ impl<K: Kv> Allocator<K> {
                 });
             }
         }
-        Err(AllocError::Contended {
-            net: Ipv4Net::from(addr),
+        Err(AllocError::ReleaseContended {
+            addr,
             attempts: MAX_ATTEMPTS,
         })
     }

@@ -465,10 +465,12 @@ fn report_release(released: Released, addr: std::net::Ipv4Addr, pool: &str) -> R
             println!("released {addr} (held by {holder}) back to {pool}");
             Ok(())
         }
-        Released::AlreadyFree | Released::Kept { .. } => {
+        Released::AlreadyFree => {
             println!("{addr} is not assigned: it is already free in {pool}; nothing changed");
             Ok(())
         }
+        // What `guarded` keeps is refused before this, with its holder.
+        Released::Kept { holder } => Err(Failure::Held { addr, holder }),
         Released::Unknown => Err(Failure::NotInPool(format!(
             "{addr} is neither free nor assigned in {pool}"
         ))),
