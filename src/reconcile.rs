@@ -11,11 +11,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use ipnet::Ipv4Net;
 use serde_json::Value;
 
-use crate::alloc::{move_back_txn, AllocError, Allocator, Taken};
+use crate::alloc::{AllocError, Allocator, Taken};
 use crate::docker::{self, IPAM_DRIVER};
 use crate::exec::RunError;
 use crate::inspect::Snapshot;
-use crate::kv::{Compare, KeyValue, Kv, StoreError};
+use crate::kv::{KeyValue, Kv, StoreError};
 use crate::layout::{describe_holder, HostIdentity, HostMatch, Layout, Owner, Role};
 
 /// A record younger than this when the run started is never called leaked: its container may
@@ -308,9 +308,7 @@ pub fn apply<K: Kv>(
     match finding {
         Finding::Leaked { addr, pool, record } => {
             let keys = layout.containers(*pool);
-            let guard = Compare::ModRevision(record.key.clone(), record.mod_revision);
-            let txn = move_back_txn(&keys, *addr, guard, vec![]);
-            Ok(if alloc.kv().txn(&txn)?.succeeded {
+            Ok(if alloc.release_if_unchanged(&keys, *addr, record.mod_revision)? {
                 log::info!("reconcile: freed leaked {addr} in pool {pool}");
                 Outcome::Fixed(format!("freed {addr}"))
             } else {
