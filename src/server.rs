@@ -624,10 +624,12 @@ fn connection(stream: &UnixStream, events: &mpsc::Sender<Event>, counts: &Counts
         // The handler answers every request it takes; an error means it stopped first.
         let Ok(answer) = answer.recv() else { return };
         // What the handler's loop could not write at once.
-        let written = answer.written.and_then(|done| match answer.bytes.get(done..) {
-            Some(rest) if !rest.is_empty() => send(rest.to_vec()),
-            _ => Ok(()),
-        });
+        let written = answer
+            .written
+            .and_then(|done| match answer.bytes.get(done..) {
+                Some(rest) if !rest.is_empty() => send(rest.to_vec()),
+                _ => Ok(()),
+            });
         counts.unwritten.fetch_sub(1, Ordering::SeqCst);
         if let Err(e) = written {
             log::warn!("answering a request failed: {e}");
