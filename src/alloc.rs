@@ -849,6 +849,19 @@ impl<K: Kv> Allocator<K> {
         Ok(self.kv.txn(&txn)?.succeeded)
     }
 
+    /// Moves `addr` back to `pool/` if its record is unchanged since `mod_revision`; whether it
+    /// was. A record gone meanwhile counts as changed: someone else gave it back.
+    pub fn release_if_unchanged(
+        &mut self,
+        keys: &PoolKeys,
+        addr: Ipv4Addr,
+        mod_revision: i64,
+    ) -> Result<bool, AllocError> {
+        let guard = Compare::ModRevision(keys.assigned(addr), mod_revision);
+        let txn = move_back_txn(keys, addr, guard, vec![]);
+        Ok(self.kv.txn(&txn)?.succeeded)
+    }
+
     /// Gives back `addr` (an operator's `release-ip`/`release-host`) unless its record is one
     /// `guarded` says to keep: then nothing changes and `Kept` says who holds it. The move is
     /// guarded by the revision read, so a record that changes meanwhile is read again.

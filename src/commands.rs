@@ -557,9 +557,9 @@ fn reconcile<K: Kv>(
     apply: bool,
 ) -> Result<(), Failure> {
     let started = reconcile::now_secs();
-    let before = reconcile::docker_view()?;
+    let before = crate::docker::talkingdata_view().map_err(ReconcileError::Docker)?;
     let snap = Snapshot::read(kv, layout)?;
-    let after = reconcile::docker_view()?;
+    let after = crate::docker::talkingdata_view().map_err(ReconcileError::Docker)?;
     let found = reconcile::compare(&snap, &before, &after, me, started);
     let mut left = 0;
     let mut alloc = Allocator::new(kv);

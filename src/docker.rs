@@ -1,9 +1,12 @@
 //! The Docker CLI: networks listed, inspected, created and removed with the `docker` command
-//! (so `DOCKER_HOST` applies), and the options create-network gives a network.
+//! (so `DOCKER_HOST` applies), the options create-network gives a network, and which
+//! containers use which address on talkingdata networks, as `reconcile` compares with etcd.
 
+use std::fmt;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
+use serde_json::Value;
 
 use crate::exec::{run, RunError};
 
@@ -73,9 +76,129 @@ pub fn inspect_networks(ids: &[String]) -> Result<String, RunError> {
     run("docker", &args)
 }
 
+/// Why what Docker's endpoints use could not be read.
+#[derive(Debug)]
+pub enum ViewError {
+    /// The docker command failed or could not run.
+    Run(RunError),
+    /// Docker answered something that is not what `docker network inspect` prints.
+    BadAnswer(String),
+}
+
+impl fmt::Display for ViewError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ViewError::Run(e) => write!(f, "cannot ask Docker: {e}"),
+            ViewError::BadAnswer(e) => {
+                write!(
+                    f,
+                    "docker network inspect answered something unexpected: {e}"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for ViewError {}
+
+/// One container's endpoint on a talkingdata network of this host.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// The Docker network's name.
+    pub network: String,
+    /// The container pool it allocates from (its subnet's network address).
+    pub pool: Ipv4Addr,
+    pub container: String,
+    pub addr: Ipv4Addr,
+    pub mac: String,
+}
+
+/// What Docker on this host has on talkingdata networks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DockerView {
+    pub endpoints: Vec<Endpoint>,
+    /// Each network's gateway: (pool, gateway).
+    pub gateways: Vec<(Ipv4Addr, Ipv4Addr)>,
+}
+
+/// Reads the talkingdata networks' endpoints with `docker network ls` and `inspect`.
+pub fn talkingdata_view() -> Result<DockerView, ViewError> {
+    let ids = network_ids().map_err(ViewError::Run)?;
+    if ids.is_empty() {
+        return Ok(DockerView::default());
+    }
+    let json = inspect_networks(&ids).map_err(ViewError::Run)?;
+    parse_networks(&json)
+}
+
+/// The talkingdata networks of `docker network inspect`'s JSON array.
+pub fn parse_networks(json: &str) -> Result<DockerView, ViewError> {
+    let bad = |why: &str| ViewError::BadAnswer(why.to_string());
+    let networks: Value = serde_json::from_str(json).map_err(|e| bad(&e.to_string()))?;
+    let networks = networks.as_array().ok_or_else(|| bad("not a JSON array"))?;
+    let mut view = DockerView::default();
+    for net in networks {
+        if net["IPAM"]["Driver"].as_str() != Some(IPAM_DRIVER) {
+            continue;
+        }
+        let name = net["Name"].as_str().unwrap_or_default().to_string();
+        let configs = net["IPAM"]["Config"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let Some(subnet) = configs
+            .iter()
+            .find_map(|c| c["Subnet"].as_str()?.parse::<Ipv4Net>().ok())
+        else {
+            log::warn!("Docker network {name} has no IPv4 subnet: skipped");
+            continue;
+        };
+        let pool = subnet.network();
+        for c in &configs {
+            if let Some(gw) = c["Gateway"].as_str().and_then(|g| g.parse().ok()) {
+                view.gateways.push((pool, gw));
+            }
+        }
+        let containers = net["Containers"].as_object().cloned().unwrap_or_default();
+        for (id, ep) in containers {
+            let Some(addr) = ep["IPv4Address"]
+                .as_str()
+                .and_then(|a| a.split('/').next()?.parse().ok())
+            else {
+                continue;
+            };
+            let container = match ep["Name"].as_str() {
+                Some(n) if !n.is_empty() => n.to_string(),
+                _ => id.chars().take(12).collect(),
+            };
+            view.endpoints.push(Endpoint {
+                network: name.clone(),
+                pool,
+                container,
+                addr,
+                mac: ep["MacAddress"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_ascii_lowercase(),
+            });
+        }
+    }
+    Ok(view)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const INSPECT: &str = r#"[
+      {"Name":"bridge","IPAM":{"Driver":"default","Config":[{"Subnet":"172.17.0.0/16"}]},
+       "Containers":{"x":{"Name":"other","MacAddress":"02:42:ac:11:00:02","IPv4Address":"172.17.0.2/16"}}},
+      {"Name":"mynet","IPAM":{"Driver":"talkingdata","Config":[{"Subnet":"192.0.2.0/24","Gateway":"192.0.2.10"}]},
+       "Containers":{"abc":{"Name":"c1","MacAddress":"02:42:C0:00:02:65","IPv4Address":"192.0.2.101/24"},
+                     "def":{"Name":"c2","MacAddress":"02:42:c0:00:02:66","IPv4Address":"192.0.2.102/24"},
+                     "ghi":{"Name":"c3","MacAddress":"02:42:c0:00:02:67","IPv4Address":"192.0.2.103/24"},
+                     "jkl":{"Name":"c4","MacAddress":"02:42:c0:00:02:68","IPv4Address":"192.0.2.104/24"}}}
+    ]"#;
 
     #[test]
     fn creates_networks_as_the_original_did() {
@@ -95,5 +218,19 @@ mod tests {
              --ipam-driver=talkingdata --subnet=192.0.2.0/24 --gateway=192.0.2.11 \
              --aux-address=DefaultGatewayIPv4=192.0.2.1 mynet"
         );
+    }
+
+    #[test]
+    fn reads_only_talkingdata_networks() {
+        let view = parse_networks(INSPECT).unwrap();
+        assert_eq!(view.endpoints.len(), 4);
+        let c1 = view.endpoints.iter().find(|e| e.container == "c1").unwrap();
+        assert_eq!(c1.mac, "02:42:c0:00:02:65");
+        assert_eq!(c1.pool, "192.0.2.0".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            view.gateways,
+            vec![("192.0.2.0".parse().unwrap(), "192.0.2.10".parse().unwrap())]
+        );
+        assert!(parse_networks("{}").is_err());
     }
 }

@@ -1,7 +1,7 @@
-//! `reconcile`: what this host's Docker says its endpoints use (through the `docker` command,
-//! so `DOCKER_HOST` applies) against what etcd records for this host. Finds leaked, orphaned
-//! and conflicting addresses and the original tool's records a local endpoint has; with
-//! `--apply` fixes the first, second and last, each by one compare-and-swap on what was read.
+//! `reconcile`: what this host's Docker says its endpoints use (a [`DockerView`], read by the
+//! caller) against what etcd records for this host. Finds leaked, orphaned and conflicting
+//! addresses and the original tool's records a local endpoint has; with `--apply` fixes the
+//! first, second and last, each by one compare-and-swap on what was read.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -9,13 +9,11 @@ use std::net::Ipv4Addr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipnet::Ipv4Net;
-use serde_json::Value;
 
-use crate::alloc::{move_back_txn, AllocError, Allocator, Taken};
-use crate::docker::{self, IPAM_DRIVER};
-use crate::exec::RunError;
+use crate::alloc::{AllocError, Allocator, Taken};
+use crate::docker::{DockerView, Endpoint, ViewError};
 use crate::inspect::Snapshot;
-use crate::kv::{Compare, KeyValue, Kv, StoreError};
+use crate::kv::{KeyValue, Kv, StoreError};
 use crate::layout::{describe_holder, HostIdentity, HostMatch, Layout, Owner, Role};
 
 /// A record younger than this when the run started is never called leaked: its container may
@@ -25,10 +23,8 @@ const GRACE_SECS: u64 = 10;
 /// Why reconcile stopped.
 #[derive(Debug)]
 pub enum ReconcileError {
-    /// The docker command failed or could not run.
-    Docker(RunError),
-    /// Docker answered something that is not what `docker network inspect` prints.
-    BadDockerAnswer(String),
+    /// What Docker's endpoints use could not be read.
+    Docker(ViewError),
     Store(StoreError),
     Alloc(AllocError),
 }
@@ -36,13 +32,7 @@ pub enum ReconcileError {
 impl fmt::Display for ReconcileError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ReconcileError::Docker(e) => write!(f, "cannot ask Docker: {e}"),
-            ReconcileError::BadDockerAnswer(e) => {
-                write!(
-                    f,
-                    "docker network inspect answered something unexpected: {e}"
-                )
-            }
+            ReconcileError::Docker(e) => write!(f, "{e}"),
             ReconcileError::Store(e) => write!(f, "{e}"),
             ReconcileError::Alloc(e) => write!(f, "{e}"),
         }
@@ -61,91 +51,6 @@ impl From<AllocError> for ReconcileError {
     fn from(e: AllocError) -> ReconcileError {
         ReconcileError::Alloc(e)
     }
-}
-
-/// One container's endpoint on a talkingdata network of this host.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Endpoint {
-    /// The Docker network's name.
-    pub network: String,
-    /// The container pool it allocates from (its subnet's network address).
-    pub pool: Ipv4Addr,
-    pub container: String,
-    pub addr: Ipv4Addr,
-    pub mac: String,
-}
-
-/// What Docker on this host has on talkingdata networks.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DockerView {
-    pub endpoints: Vec<Endpoint>,
-    /// Each network's gateway: (pool, gateway).
-    pub gateways: Vec<(Ipv4Addr, Ipv4Addr)>,
-}
-
-/// Reads the talkingdata networks' endpoints with `docker network ls` and `inspect`.
-pub fn docker_view() -> Result<DockerView, ReconcileError> {
-    let ids = docker::network_ids().map_err(ReconcileError::Docker)?;
-    if ids.is_empty() {
-        return Ok(DockerView::default());
-    }
-    let json = docker::inspect_networks(&ids).map_err(ReconcileError::Docker)?;
-    parse_networks(&json)
-}
-
-/// The talkingdata networks of `docker network inspect`'s JSON array.
-pub fn parse_networks(json: &str) -> Result<DockerView, ReconcileError> {
-    let bad = |why: &str| ReconcileError::BadDockerAnswer(why.to_string());
-    let networks: Value = serde_json::from_str(json).map_err(|e| bad(&e.to_string()))?;
-    let networks = networks.as_array().ok_or_else(|| bad("not a JSON array"))?;
-    let mut view = DockerView::default();
-    for net in networks {
-        if net["IPAM"]["Driver"].as_str() != Some(IPAM_DRIVER) {
-            continue;
-        }
-        let name = net["Name"].as_str().unwrap_or_default().to_string();
-        let configs = net["IPAM"]["Config"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        let Some(subnet) = configs
-            .iter()
-            .find_map(|c| c["Subnet"].as_str()?.parse::<Ipv4Net>().ok())
-        else {
-            log::warn!("Docker network {name} has no IPv4 subnet: skipped");
-            continue;
-        };
-        let pool = subnet.network();
-        for c in &configs {
-            if let Some(gw) = c["Gateway"].as_str().and_then(|g| g.parse().ok()) {
-                view.gateways.push((pool, gw));
-            }
-        }
-        let containers = net["Containers"].as_object().cloned().unwrap_or_default();
-        for (id, ep) in containers {
-            let Some(addr) = ep["IPv4Address"]
-                .as_str()
-                .and_then(|a| a.split('/').next()?.parse().ok())
-            else {
-                continue;
-            };
-            let container = match ep["Name"].as_str() {
-                Some(n) if !n.is_empty() => n.to_string(),
-                _ => id.chars().take(12).collect(),
-            };
-            view.endpoints.push(Endpoint {
-                network: name.clone(),
-                pool,
-                container,
-                addr,
-                mac: ep["MacAddress"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_ascii_lowercase(),
-            });
-        }
-    }
-    Ok(view)
 }
 
 /// One difference between Docker and etcd.
@@ -308,16 +213,16 @@ pub fn apply<K: Kv>(
     match finding {
         Finding::Leaked { addr, pool, record } => {
             let keys = layout.containers(*pool);
-            let guard = Compare::ModRevision(record.key.clone(), record.mod_revision);
-            let txn = move_back_txn(&keys, *addr, guard, vec![]);
-            Ok(if alloc.kv().txn(&txn)?.succeeded {
-                log::info!("reconcile: freed leaked {addr} in pool {pool}");
-                Outcome::Fixed(format!("freed {addr}"))
-            } else {
-                Outcome::Left(format!(
-                    "{addr}: its record changed since it was read; left alone"
-                ))
-            })
+            Ok(
+                if alloc.release_if_unchanged(&keys, *addr, record.mod_revision)? {
+                    log::info!("reconcile: freed leaked {addr} in pool {pool}");
+                    Outcome::Fixed(format!("freed {addr}"))
+                } else {
+                    Outcome::Left(format!(
+                        "{addr}: its record changed since it was read; left alone"
+                    ))
+                },
+            )
         }
         Finding::Orphaned { endpoint } => {
             let keys = layout.containers(endpoint.pool);
@@ -414,15 +319,26 @@ mod tests {
     use crate::kv::{Op, Txn};
     use crate::layout::Owner;
 
-    const INSPECT: &str = r#"[
-      {"Name":"bridge","IPAM":{"Driver":"default","Config":[{"Subnet":"172.17.0.0/16"}]},
-       "Containers":{"x":{"Name":"other","MacAddress":"02:42:ac:11:00:02","IPv4Address":"172.17.0.2/16"}}},
-      {"Name":"mynet","IPAM":{"Driver":"talkingdata","Config":[{"Subnet":"192.0.2.0/24","Gateway":"192.0.2.10"}]},
-       "Containers":{"abc":{"Name":"c1","MacAddress":"02:42:C0:00:02:65","IPv4Address":"192.0.2.101/24"},
-                     "def":{"Name":"c2","MacAddress":"02:42:c0:00:02:66","IPv4Address":"192.0.2.102/24"},
-                     "ghi":{"Name":"c3","MacAddress":"02:42:c0:00:02:67","IPv4Address":"192.0.2.103/24"},
-                     "jkl":{"Name":"c4","MacAddress":"02:42:c0:00:02:68","IPv4Address":"192.0.2.104/24"}}}
-    ]"#;
+    /// Network mynet (pool 192.0.2.0, gateway 192.0.2.10) with containers c1 to c4 on
+    /// 192.0.2.101 to .104; c1's MAC in capitals, which still matches its lower-case record.
+    fn mynet() -> DockerView {
+        let endpoint = |container: &str, addr: &str, mac: &str| Endpoint {
+            network: "mynet".into(),
+            pool: "192.0.2.0".parse().unwrap(),
+            container: container.into(),
+            addr: addr.parse().unwrap(),
+            mac: mac.into(),
+        };
+        DockerView {
+            endpoints: vec![
+                endpoint("c1", "192.0.2.101", "02:42:C0:00:02:65"),
+                endpoint("c2", "192.0.2.102", "02:42:c0:00:02:66"),
+                endpoint("c3", "192.0.2.103", "02:42:c0:00:02:67"),
+                endpoint("c4", "192.0.2.104", "02:42:c0:00:02:68"),
+            ],
+            gateways: vec![("192.0.2.0".parse().unwrap(), "192.0.2.10".parse().unwrap())],
+        }
+    }
 
     fn put(kv: &MemKv, key: &str, value: &str) {
         kv.txn(&Txn {
@@ -430,20 +346,6 @@ mod tests {
             ..Txn::default()
         })
         .unwrap();
-    }
-
-    #[test]
-    fn reads_only_talkingdata_networks() {
-        let view = parse_networks(INSPECT).unwrap();
-        assert_eq!(view.endpoints.len(), 4);
-        let c1 = view.endpoints.iter().find(|e| e.container == "c1").unwrap();
-        assert_eq!(c1.mac, "02:42:c0:00:02:65");
-        assert_eq!(c1.pool, "192.0.2.0".parse::<Ipv4Addr>().unwrap());
-        assert_eq!(
-            view.gateways,
-            vec![("192.0.2.0".parse().unwrap(), "192.0.2.10".parse().unwrap())]
-        );
-        assert!(parse_networks("{}").is_err());
     }
 
     #[test]
@@ -512,7 +414,7 @@ mod tests {
             &old(me.owner(Role::Gateway, "", &crate::host::now())),
         );
         let snap = Snapshot::read(&kv, &l).unwrap();
-        let docker = parse_networks(INSPECT).unwrap();
+        let docker = mynet();
         let found = compare(&snap, &docker, &docker, &me, now_secs());
         let said: Vec<String> = found.iter().map(|f| f.to_string()).collect();
         assert_eq!(said.len(), 5, "{said:#?}");
