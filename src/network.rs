@@ -407,13 +407,14 @@ fn apply<K: Kv, S: HostSystem>(
     sys: &mut S,
     done: &mut Vec<Done>,
 ) -> Result<(), (String, String)> {
+    let now = sys.now();
     let addr = match plan.held {
         Some(addr) => {
             println!("this host already holds {addr}");
             addr
         }
         None => {
-            let owner = me.owner(Role::Host, "", &sys.now());
+            let owner = me.owner(Role::Host, "", &now);
             if let (Some(record), Some(addr)) = (&plan.adopt, plan.wanted) {
                 let ours = owner.to_json();
                 let adopted = alloc
@@ -476,7 +477,7 @@ fn apply<K: Kv, S: HostSystem>(
             continue;
         }
         let backup = sys
-            .write_file(dir, name, text)
+            .write_file(dir, name, text, &now)
             .map_err(|e| step(&format!("writing {}", path.display()), e))?;
         match &backup {
             Some(b) => println!(
@@ -750,11 +751,17 @@ mod tests {
             ifcfg::read(dir, name)
         }
 
-        fn write_file(&mut self, dir: &Path, name: &str, text: &str) -> io::Result<Option<String>> {
+        fn write_file(
+            &mut self,
+            dir: &Path,
+            name: &str,
+            text: &str,
+            now: &str,
+        ) -> io::Result<Option<String>> {
             if self.change(format!("write {name}")) {
                 return Err(io::Error::other("injected failure"));
             }
-            ifcfg::write(dir, name, text)
+            ifcfg::write(dir, name, text, now)
         }
 
         fn restore_file(&mut self, dir: &Path, name: &str, backup: Option<&str>) -> io::Result<()> {
@@ -916,8 +923,14 @@ mod tests {
                 "DEVICE=eth1\nONBOOT=yes\nBRIDGE=br0\n".into()
             )
         );
-        assert!(files[2].0.starts_with("ifcfg-eth1.") && files[2].0.ends_with(".bak"));
-        assert_eq!(files[2].1, "DEVICE=eth1\nONBOOT=yes\n");
+        // The backup is dated by the host's clock, which the fake sets.
+        assert_eq!(
+            files[2],
+            (
+                "ifcfg-eth1.20261122T000000.bak".into(),
+                "DEVICE=eth1\nONBOOT=yes\n".into()
+            )
+        );
         assert_eq!(files.len(), 3);
         assert_eq!(
             (w.host.nm_active, w.host.nm_enabled, w.host.restarts),

@@ -39,12 +39,18 @@ pub trait HostSystem {
     /// The text of the file `name` in `dir`; None if there is none.
     fn read_file(&self, dir: &Path, name: &str) -> io::Result<Option<String>>;
     /// Replaces (or creates) `name` in `dir` with `text`; the name of the backup of what it
-    /// held, if it existed.
-    fn write_file(&mut self, dir: &Path, name: &str, text: &str) -> io::Result<Option<String>>;
+    /// held, if it existed, dated `now` (as [`HostSystem::now`] tells it).
+    fn write_file(
+        &mut self,
+        dir: &Path,
+        name: &str,
+        text: &str,
+        now: &str,
+    ) -> io::Result<Option<String>>;
     /// Undoes a `write_file`: moves `backup` back to `name`, or removes `name` if none.
     fn restore_file(&mut self, dir: &Path, name: &str, backup: Option<&str>) -> io::Result<()>;
 
-    /// The time a record is dated with (RFC 3339, UTC).
+    /// The time records and backups are dated with (RFC 3339, UTC).
     fn now(&self) -> String;
 }
 
@@ -92,8 +98,14 @@ impl HostSystem for ThisHost {
         ifcfg::read(dir, name)
     }
 
-    fn write_file(&mut self, dir: &Path, name: &str, text: &str) -> io::Result<Option<String>> {
-        ifcfg::write(dir, name, text)
+    fn write_file(
+        &mut self,
+        dir: &Path,
+        name: &str,
+        text: &str,
+        now: &str,
+    ) -> io::Result<Option<String>> {
+        ifcfg::write(dir, name, text, now)
     }
 
     fn restore_file(&mut self, dir: &Path, name: &str, backup: Option<&str>) -> io::Result<()> {
