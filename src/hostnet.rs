@@ -10,8 +10,10 @@ use crate::exec::{run, RunError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Service {
     StopNetworkManager,
+    /// Undoes a stop.
+    StartNetworkManager,
     DisableNetworkManager,
-    /// Enables and starts it: undoes the two above.
+    /// Undoes a disable; starts nothing.
     EnableNetworkManager,
     RestartNetwork,
 }
@@ -55,12 +57,18 @@ pub fn network_manager_active() -> bool {
     run("systemctl", &["is-active", "--quiet", "NetworkManager"]).is_ok()
 }
 
+/// Whether NetworkManager is enabled, to start at boot.
+pub fn network_manager_enabled() -> bool {
+    run("systemctl", &["is-enabled", "--quiet", "NetworkManager"]).is_ok()
+}
+
 /// Makes `change` with `systemctl`.
 pub fn change(change: Service) -> Result<(), RunError> {
     let args: &[&str] = match change {
         Service::StopNetworkManager => &["stop", "NetworkManager"],
+        Service::StartNetworkManager => &["start", "NetworkManager"],
         Service::DisableNetworkManager => &["disable", "NetworkManager"],
-        Service::EnableNetworkManager => &["enable", "--now", "NetworkManager"],
+        Service::EnableNetworkManager => &["enable", "NetworkManager"],
         Service::RestartNetwork => &["restart", "network"],
     };
     run("systemctl", args).map(drop)

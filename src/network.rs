@@ -150,6 +150,7 @@ enum Done {
         backup: Option<String>,
     },
     StoppedNetworkManager,
+    DisabledNetworkManager,
 }
 
 /// What create-network will do, worked out before anything changes.
@@ -171,6 +172,10 @@ struct Plan {
     iface_file: String,
     iface_now: Option<String>,
     network_exists: bool,
+    /// Whether NetworkManager is to be stopped (it runs) and disabled (it is enabled): only
+    /// what is changed is undone.
+    stop_network_manager: bool,
+    disable_network_manager: bool,
 }
 
 /// Reads etcd and the host and checks the flags; refuses before anything changes.
@@ -285,6 +290,7 @@ fn plan<K: Kv, S: HostSystem>(
     }
     let iface_file = format!("ifcfg-{interface}");
     let iface_now = read(&iface_file)?;
+    let restart = !flags.no_restart;
     Ok(Plan {
         subnet,
         gateway,
@@ -297,6 +303,8 @@ fn plan<K: Kv, S: HostSystem>(
         interface,
         network_exists: existing_gateway.is_some(),
         adopt,
+        stop_network_manager: restart && sys.network_manager_active(),
+        disable_network_manager: restart && sys.network_manager_enabled(),
     })
 }
 
@@ -361,10 +369,15 @@ fn print_dry_run(plan: &Plan, flags: &NetworkFlags, me: &HostIdentity) {
         );
     }
     if !flags.no_restart {
-        println!(
-            "would run: systemctl stop NetworkManager; systemctl disable NetworkManager; \
-             systemctl restart network"
-        );
+        let mut commands = Vec::new();
+        if plan.stop_network_manager {
+            commands.push("systemctl stop NetworkManager");
+        }
+        if plan.disable_network_manager {
+            commands.push("systemctl disable NetworkManager");
+        }
+        commands.push("systemctl restart network");
+        println!("would run: {}", commands.join("; "));
     }
 }
 
@@ -494,13 +507,17 @@ fn apply<K: Kv, S: HostSystem>(
     }
 
     if !flags.no_restart {
-        if sys.network_manager_active() {
+        if plan.stop_network_manager {
             sys.service(Service::StopNetworkManager)
                 .map_err(|e| step("stopping NetworkManager", e))?;
             done.push(Done::StoppedNetworkManager);
+            println!("stopped NetworkManager");
+        }
+        if plan.disable_network_manager {
             sys.service(Service::DisableNetworkManager)
                 .map_err(|e| step("disabling NetworkManager", e))?;
-            println!("stopped and disabled NetworkManager");
+            done.push(Done::DisabledNetworkManager);
+            println!("disabled NetworkManager");
         }
         sys.service(Service::RestartNetwork)
             .map_err(|e| step("restarting the network service", e))?;
@@ -526,6 +543,11 @@ fn undo<K: Kv, S: HostSystem>(
         let (what, result) = match action {
             Done::StoppedNetworkManager => (
                 "started NetworkManager again".to_string(),
+                sys.service(Service::StartNetworkManager)
+                    .map_err(|e| e.to_string()),
+            ),
+            Done::DisabledNetworkManager => (
+                "enabled NetworkManager again".to_string(),
                 sys.service(Service::EnableNetworkManager)
                     .map_err(|e| e.to_string()),
             ),
@@ -728,14 +750,20 @@ mod tests {
             self.nm_active
         }
 
+        fn network_manager_enabled(&self) -> bool {
+            self.look("systemctl is-enabled NetworkManager".into());
+            self.nm_enabled
+        }
+
         fn service(&mut self, change: Service) -> Result<(), RunError> {
             if self.change(format!("{change:?}")) {
                 return Err(FakeHost::refused());
             }
             match change {
                 Service::StopNetworkManager => self.nm_active = false,
+                Service::StartNetworkManager => self.nm_active = true,
                 Service::DisableNetworkManager => self.nm_enabled = false,
-                Service::EnableNetworkManager => (self.nm_active, self.nm_enabled) = (true, true),
+                Service::EnableNetworkManager => self.nm_enabled = true,
                 Service::RestartNetwork => self.restarts += 1,
             }
             Ok(())
@@ -937,12 +965,11 @@ mod tests {
             (false, false, 1)
         );
         assert_eq!(
-            w.host.calls.borrow()[w.host.calls.borrow().len() - 7..],
+            w.host.calls.borrow()[w.host.calls.borrow().len() - 6..],
             [
                 format!("docker network create mynet {a}"),
                 "write ifcfg-br0".into(),
                 "write ifcfg-eth1".into(),
-                "systemctl is-active NetworkManager".into(),
                 "StopNetworkManager".into(),
                 "DisableNetworkManager".into(),
                 "RestartNetwork".into(),
@@ -1144,12 +1171,18 @@ mod tests {
                 w.host.bridge_addrs = vec![addr(11)];
             }),
             (
-                "an existing network's gateway, NetworkManager stopped",
+                "an existing network's gateway, NetworkManager enabled but stopped",
                 |w| {
                     w.host.networks.insert("mynet".into(), Some(addr(12)));
                     w.host.nm_active = false;
                 },
             ),
+            ("NetworkManager running but not enabled", |w| {
+                w.host.nm_enabled = false;
+            }),
+            ("NetworkManager neither running nor enabled", |w| {
+                (w.host.nm_active, w.host.nm_enabled) = (false, false);
+            }),
         ]
     }
 

@@ -31,7 +31,10 @@ pub trait HostSystem {
     /// The device of the route to `gateway`.
     fn route_interface(&self, gateway: Ipv4Addr) -> Result<String, RouteError>;
 
+    /// Whether NetworkManager is running now.
     fn network_manager_active(&self) -> bool;
+    /// Whether NetworkManager is enabled, to start at boot.
+    fn network_manager_enabled(&self) -> bool;
     fn service(&mut self, change: Service) -> Result<(), RunError>;
 
     /// Whether the ifcfg directory `dir` exists.
@@ -84,6 +87,10 @@ impl HostSystem for ThisHost {
 
     fn network_manager_active(&self) -> bool {
         hostnet::network_manager_active()
+    }
+
+    fn network_manager_enabled(&self) -> bool {
+        hostnet::network_manager_enabled()
     }
 
     fn service(&mut self, change: Service) -> Result<(), RunError> {
