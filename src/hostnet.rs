@@ -38,11 +38,14 @@ impl fmt::Display for RouteError {
 
 impl std::error::Error for RouteError {}
 
-/// The IPv4 addresses `bridge` carries now (none if it does not exist).
-pub fn bridge_addrs(bridge: &str) -> Vec<Ipv4Addr> {
+/// The IPv4 addresses `bridge` carries now (none if it does not exist); an error if `ip`
+/// cannot tell.
+pub fn bridge_addrs(bridge: &str) -> Result<Vec<Ipv4Addr>, RunError> {
     match run("ip", &["-4", "-o", "addr", "show", "dev", bridge]) {
-        Ok(out) => inet_addrs(&out),
-        Err(_) => Vec::new(),
+        Ok(out) => Ok(inet_addrs(&out)),
+        // What iproute2 says of a device that is not there: `Device "br0" does not exist.`
+        Err(RunError::Failed { said, .. }) if said.ends_with("does not exist.") => Ok(Vec::new()),
+        Err(e) => Err(e),
     }
 }
 

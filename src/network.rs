@@ -13,6 +13,7 @@ use ipnet::Ipv4Net;
 use crate::alloc::{AllocError, Allocator, Record};
 use crate::cli::NetworkFlags;
 use crate::docker::{self, NetworkSpec};
+use crate::exec::RunError;
 use crate::hostnet::Service;
 use crate::ifcfg;
 use crate::kv::{KeyValue, Kv, StoreError};
@@ -34,6 +35,16 @@ pub enum NetworkError {
     HoldsAnother {
         held: Ipv4Addr,
         asked: Ipv4Addr,
+    },
+    /// Docker could not be asked whether network `name` exists (no `docker`, no daemon).
+    DockerUnreachable {
+        name: String,
+        error: RunError,
+    },
+    /// `ip` could not tell the addresses `bridge` carries.
+    BridgeUnreadable {
+        bridge: String,
+        error: RunError,
     },
     /// The Docker network exists with a gateway other than this host's address.
     NetworkDiffers {
@@ -80,6 +91,12 @@ impl fmt::Display for NetworkError {
                 f,
                 "this host already holds {held}, not {asked}; release-host it first to change"
             ),
+            NetworkError::DockerUnreachable { name, error } => {
+                write!(f, "cannot ask Docker about network {name}: {error}")
+            }
+            NetworkError::BridgeUnreadable { bridge, error } => {
+                write!(f, "cannot read the addresses of {bridge}: {error}")
+            }
             NetworkError::NetworkDiffers { name, detail } => write!(
                 f,
                 "Docker network {name} exists with {detail}; remove it \
@@ -212,7 +229,19 @@ fn plan<K: Kv, S: HostSystem>(
             .map_err(|e| NetworkError::NoInterface(e.to_string()))?,
     };
     // An existing network keeps its gateway: this host's address must be that one.
-    let existing_gateway = sys.docker_network(&flags.name);
+    let existing_gateway =
+        sys.docker_network(&flags.name)
+            .map_err(|error| NetworkError::DockerUnreachable {
+                name: flags.name.clone(),
+                error,
+            })?;
+    let bridge_addrs = || {
+        sys.bridge_addrs(&flags.bridge)
+            .map_err(|error| NetworkError::BridgeUnreadable {
+                bridge: flags.bridge.clone(),
+                error,
+            })
+    };
     let differs = |detail: String| NetworkError::NetworkDiffers {
         name: flags.name.clone(),
         detail,
@@ -231,14 +260,16 @@ fn plan<K: Kv, S: HostSystem>(
     };
     let (wanted, adopt) = match (held, wanted) {
         (None, Some(addr)) => {
-            let record = original_record(alloc, &hosts, addr)?
-                .filter(|_| sys.bridge_addrs(&flags.bridge).contains(&addr));
+            let record = match original_record(alloc, &hosts, addr)? {
+                Some(record) if bridge_addrs()?.contains(&addr) => Some(record),
+                _ => None,
+            };
             (Some(addr), record)
         }
         // Without --ip, an address the original gave this host is still on its bridge.
         (None, None) => {
             let mut found = (None, None);
-            for addr in sys.bridge_addrs(&flags.bridge) {
+            for addr in bridge_addrs()? {
                 if let Some(record) = original_record(alloc, &hosts, addr)? {
                     found = (Some(addr), Some(record));
                     break;
@@ -666,6 +697,9 @@ mod tests {
         calls: RefCell<Vec<String>>,
         changes: usize,
         fail: BTreeSet<usize>,
+        /// Docker cannot be asked; `ip` cannot tell addresses.
+        docker_down: bool,
+        ip_down: bool,
     }
 
     /// Everything a `FakeHost` holds that create-network may change.
@@ -708,9 +742,12 @@ mod tests {
     }
 
     impl HostSystem for FakeHost {
-        fn docker_network(&self, name: &str) -> Option<Option<Ipv4Addr>> {
+        fn docker_network(&self, name: &str) -> Result<Option<Option<Ipv4Addr>>, RunError> {
             self.look(format!("docker network inspect {name}"));
-            self.networks.get(name).copied()
+            if self.docker_down {
+                return Err(FakeHost::refused());
+            }
+            Ok(self.networks.get(name).copied())
         }
 
         fn create_docker_network(
@@ -733,9 +770,12 @@ mod tests {
             Ok(())
         }
 
-        fn bridge_addrs(&self, bridge: &str) -> Vec<Ipv4Addr> {
+        fn bridge_addrs(&self, bridge: &str) -> Result<Vec<Ipv4Addr>, RunError> {
             self.look(format!("ip addr show {bridge}"));
-            self.bridge_addrs.clone()
+            if self.ip_down {
+                return Err(FakeHost::refused());
+            }
+            Ok(self.bridge_addrs.clone())
         }
 
         fn route_interface(&self, gateway: Ipv4Addr) -> Result<String, RouteError> {
@@ -1050,6 +1090,25 @@ mod tests {
                 "no route to the router",
                 |w| w.host.route = None,
                 |e| matches!(e, NetworkError::NoInterface(_)),
+            ),
+            (
+                "Docker cannot be asked",
+                |w| w.host.docker_down = true,
+                |e| matches!(e, NetworkError::DockerUnreachable { name, .. } if name == "mynet"),
+            ),
+            (
+                "ip cannot tell the bridge's addresses",
+                |w| w.host.ip_down = true,
+                |e| matches!(e, NetworkError::BridgeUnreadable { bridge, .. } if bridge == "br0"),
+            ),
+            (
+                "ip cannot tell the addresses of a bridge an original record may be on",
+                |w| {
+                    w.hold(addr(11), &Owner::original(Role::Host, NOW));
+                    w.flags.ip = Some(addr(11));
+                    w.host.ip_down = true;
+                },
+                |e| matches!(e, NetworkError::BridgeUnreadable { .. }),
             ),
             (
                 "the network's gateway is another address",

@@ -15,9 +15,9 @@ use crate::ifcfg;
 /// What create-network needs of the host it runs on. The `&mut self` methods change it; the
 /// others only look.
 pub trait HostSystem {
-    /// None if no Docker network `name` exists (or Docker cannot be asked); else its IPv4
-    /// gateway, if it has one.
-    fn docker_network(&self, name: &str) -> Option<Option<Ipv4Addr>>;
+    /// None if Docker says no network `name` exists; else its IPv4 gateway, if it has one.
+    /// An error if Docker cannot be asked.
+    fn docker_network(&self, name: &str) -> Result<Option<Option<Ipv4Addr>>, RunError>;
     /// Creates the Docker network `spec` with `gateway` as its gateway.
     fn create_docker_network(
         &mut self,
@@ -26,8 +26,9 @@ pub trait HostSystem {
     ) -> Result<(), RunError>;
     fn remove_docker_network(&mut self, name: &str) -> Result<(), RunError>;
 
-    /// The IPv4 addresses `bridge` carries now (none if it does not exist).
-    fn bridge_addrs(&self, bridge: &str) -> Vec<Ipv4Addr>;
+    /// The IPv4 addresses `bridge` carries now (none if it does not exist); an error if
+    /// `ip` cannot tell.
+    fn bridge_addrs(&self, bridge: &str) -> Result<Vec<Ipv4Addr>, RunError>;
     /// The device of the route to `gateway`.
     fn route_interface(&self, gateway: Ipv4Addr) -> Result<String, RouteError>;
 
@@ -61,7 +62,7 @@ pub trait HostSystem {
 pub struct ThisHost;
 
 impl HostSystem for ThisHost {
-    fn docker_network(&self, name: &str) -> Option<Option<Ipv4Addr>> {
+    fn docker_network(&self, name: &str) -> Result<Option<Option<Ipv4Addr>>, RunError> {
         docker::network_gateway(name)
     }
 
@@ -77,7 +78,7 @@ impl HostSystem for ThisHost {
         docker::remove_network(name)
     }
 
-    fn bridge_addrs(&self, bridge: &str) -> Vec<Ipv4Addr> {
+    fn bridge_addrs(&self, bridge: &str) -> Result<Vec<Ipv4Addr>, RunError> {
         hostnet::bridge_addrs(bridge)
     }
 
