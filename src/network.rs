@@ -861,8 +861,8 @@ mod tests {
     }
 
     /// A host h1 whose hosts' subnet 192.0.2.0/24 (router .1) pools hosts .10-.12 and
-    /// containers .100-.110; NetworkManager runs, the route to the router goes by eth1,
-    /// and its ifcfg directory is empty.
+    /// containers .100-.110; NetworkManager runs and is enabled, the route to the router goes
+    /// by eth1, and its ifcfg directory is empty.
     struct World {
         kv: MemKv,
         layout: Layout,
