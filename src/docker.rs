@@ -45,12 +45,22 @@ pub fn create_args(spec: &NetworkSpec, gateway: &str) -> Vec<String> {
     ]
 }
 
-/// None if no Docker network `name` exists (or Docker cannot be asked); else its IPv4 gateway,
-/// if it has one.
-pub fn network_gateway(name: &str) -> Option<Option<Ipv4Addr>> {
+/// None if Docker says no network `name` exists; else its IPv4 gateway, if it has one. An
+/// error if Docker cannot be asked (no `docker`, no daemon): that is no answer.
+pub fn network_gateway(name: &str) -> Result<Option<Option<Ipv4Addr>>, RunError> {
     let format = "{{range .IPAM.Config}}{{.Gateway}} {{end}}";
-    let out = run("docker", &["network", "inspect", "--format", format, name]).ok()?;
-    Some(out.split_whitespace().find_map(|g| g.parse().ok()))
+    match run("docker", &["network", "inspect", "--format", format, name]) {
+        Ok(out) => Ok(Some(out.split_whitespace().find_map(|g| g.parse().ok()))),
+        Err(RunError::Failed { said, .. }) if no_such_network(&said, name) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `docker network inspect name` failed for want of the network: Debian's docker.io
+/// (20.10) says "Error: No such network: NAME", newer clients pass on the daemon's "Error
+/// response from daemon: network NAME not found".
+fn no_such_network(said: &str, name: &str) -> bool {
+    said.contains("No such network") || said.contains(&format!("network {name} not found"))
 }
 
 /// `docker network create` for `spec`, with `gateway` as the network's gateway.
@@ -199,6 +209,18 @@ mod tests {
                      "ghi":{"Name":"c3","MacAddress":"02:42:c0:00:02:67","IPv4Address":"192.0.2.103/24"},
                      "jkl":{"Name":"c4","MacAddress":"02:42:c0:00:02:68","IPv4Address":"192.0.2.104/24"}}}
     ]"#;
+
+    #[test]
+    fn tells_a_missing_network_from_a_docker_that_cannot_answer() {
+        assert!(no_such_network("Error: No such network: mynet", "mynet"));
+        let newer = "Error response from daemon: network mynet not found";
+        assert!(no_such_network(newer, "mynet"));
+        let down = "Cannot connect to the Docker daemon at unix:///var/run/docker.sock. \
+                    Is the docker daemon running?";
+        assert!(!no_such_network(down, "mynet"));
+        let context = "Current context \"x\" is not found on the file system";
+        assert!(!no_such_network(context, "mynet"));
+    }
 
     #[test]
     fn creates_networks_as_the_original_did() {

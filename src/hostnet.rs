@@ -10,8 +10,10 @@ use crate::exec::{run, RunError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Service {
     StopNetworkManager,
+    /// Undoes a stop.
+    StartNetworkManager,
     DisableNetworkManager,
-    /// Enables and starts it: undoes the two above.
+    /// Undoes a disable; starts nothing.
     EnableNetworkManager,
     RestartNetwork,
 }
@@ -36,11 +38,14 @@ impl fmt::Display for RouteError {
 
 impl std::error::Error for RouteError {}
 
-/// The IPv4 addresses `bridge` carries now (none if it does not exist).
-pub fn bridge_addrs(bridge: &str) -> Vec<Ipv4Addr> {
+/// The IPv4 addresses `bridge` carries now (none if it does not exist); an error if `ip`
+/// cannot tell.
+pub fn bridge_addrs(bridge: &str) -> Result<Vec<Ipv4Addr>, RunError> {
     match run("ip", &["-4", "-o", "addr", "show", "dev", bridge]) {
-        Ok(out) => inet_addrs(&out),
-        Err(_) => Vec::new(),
+        Ok(out) => Ok(inet_addrs(&out)),
+        // What iproute2 says of a device that is not there: `Device "br0" does not exist.`
+        Err(RunError::Failed { said, .. }) if said.ends_with("does not exist.") => Ok(Vec::new()),
+        Err(e) => Err(e),
     }
 }
 
@@ -55,12 +60,18 @@ pub fn network_manager_active() -> bool {
     run("systemctl", &["is-active", "--quiet", "NetworkManager"]).is_ok()
 }
 
+/// Whether NetworkManager is enabled, to start at boot.
+pub fn network_manager_enabled() -> bool {
+    run("systemctl", &["is-enabled", "--quiet", "NetworkManager"]).is_ok()
+}
+
 /// Makes `change` with `systemctl`.
 pub fn change(change: Service) -> Result<(), RunError> {
     let args: &[&str] = match change {
         Service::StopNetworkManager => &["stop", "NetworkManager"],
+        Service::StartNetworkManager => &["start", "NetworkManager"],
         Service::DisableNetworkManager => &["disable", "NetworkManager"],
-        Service::EnableNetworkManager => &["enable", "--now", "NetworkManager"],
+        Service::EnableNetworkManager => &["enable", "NetworkManager"],
         Service::RestartNetwork => &["restart", "network"],
     };
     run("systemctl", args).map(drop)

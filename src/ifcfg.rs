@@ -58,11 +58,12 @@ pub fn read(dir: &Path, name: &str) -> io::Result<Option<String>> {
 }
 
 /// Replaces `name` in `dir` with `text` through a temporary file and a rename, so that it is
-/// never seen half-written. If it existed, the original is first copied to a `.bak` beside it
-/// (network scripts ignore `*.bak`); returns that backup's name. Both new files are created
+/// never seen half-written. If it existed, the original is first copied to a `.bak` beside it,
+/// named with the time `now` (RFC 3339) to the second (network scripts ignore `*.bak`);
+/// returns that backup's name. Both new files are created
 /// exclusively, so a file or symlink planted at their names is never written through, and an
 /// earlier backup is never overwritten.
-pub fn write(dir: &Path, name: &str, text: &str) -> io::Result<Option<String>> {
+pub fn write(dir: &Path, name: &str, text: &str, now: &str) -> io::Result<Option<String>> {
     let path = dir.join(plain(name)?);
     let original = match fs::read(&path) {
         Ok(bytes) => Some(bytes),
@@ -72,8 +73,7 @@ pub fn write(dir: &Path, name: &str, text: &str) -> io::Result<Option<String>> {
     let backup = match original {
         Some(original) => {
             let mode = fs::metadata(&path)?.permissions().mode() & 0o777;
-            let stamp = crate::host::now().replace([':', '-'], "");
-            let base = format!("{name}.{}", &stamp[..15]);
+            let base = format!("{name}.{}", backup_stamp(now));
             let (backup, mut file) = create_exclusively(dir, &base, ".bak", mode)?;
             let copied = file.write_all(&original).and_then(|()| file.sync_all());
             if let Err(e) = copied {
@@ -102,6 +102,14 @@ pub fn write(dir: &Path, name: &str, text: &str) -> io::Result<Option<String>> {
         return Err(e);
     }
     Ok(backup.map(|b| file_name(&b)))
+}
+
+/// `2026-11-22T00:00:00.000Z` as `20261122T000000`.
+fn backup_stamp(now: &str) -> String {
+    now.chars()
+        .filter(|c| !matches!(c, ':' | '-'))
+        .take(15)
+        .collect()
 }
 
 /// Undoes a [`write`] of `name` in `dir`: moves its backup back, or removes it if it had none.
@@ -167,6 +175,8 @@ fn create_exclusively(
 mod tests {
     use super::*;
 
+    const NOW: &str = "2026-11-22T00:00:00.000000000Z";
+
     /// A fresh scratch directory for one test.
     fn scratch(test: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("oam-ifcfg-{test}-{}", std::process::id()));
@@ -214,12 +224,11 @@ mod tests {
         // The names an attacker can predict: the temporary file and this second's backup.
         let temp = dir.join(format!(".ifcfg-br0.tmp-{}", std::process::id()));
         std::os::unix::fs::symlink(&victim, &temp).unwrap();
-        let stamp = crate::host::now().replace([':', '-'], "");
-        let predicted = dir.join(format!("ifcfg-br0.{}.bak", &stamp[..15]));
+        let predicted = dir.join("ifcfg-br0.20261122T000000.bak");
         std::os::unix::fs::symlink(&victim, &predicted).unwrap();
 
-        let first = write(&dir, "ifcfg-br0", "two\n").unwrap().unwrap();
-        let second = write(&dir, "ifcfg-br0", "three\n").unwrap().unwrap();
+        let first = write(&dir, "ifcfg-br0", "two\n", NOW).unwrap().unwrap();
+        let second = write(&dir, "ifcfg-br0", "three\n", NOW).unwrap().unwrap();
         assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
         assert_ne!(first, second);
         assert_eq!(fs::read_to_string(dir.join(&first)).unwrap(), "one\n");
@@ -236,8 +245,8 @@ mod tests {
     fn writes_keep_a_backup_that_restore_puts_back() {
         let dir = scratch("backup");
         assert_eq!(read(&dir, "ifcfg-br0").unwrap(), None);
-        assert_eq!(write(&dir, "ifcfg-br0", "one\n").unwrap(), None);
-        let backup = write(&dir, "ifcfg-br0", "two\n").unwrap().unwrap();
+        assert_eq!(write(&dir, "ifcfg-br0", "one\n", NOW).unwrap(), None);
+        let backup = write(&dir, "ifcfg-br0", "two\n", NOW).unwrap().unwrap();
         assert_eq!(read(&dir, "ifcfg-br0").unwrap().as_deref(), Some("two\n"));
         assert_eq!(read(&dir, &backup).unwrap().as_deref(), Some("one\n"));
         restore(&dir, "ifcfg-br0", Some(&backup)).unwrap();
@@ -253,7 +262,7 @@ mod tests {
         let dir = scratch("outside");
         for name in ["../ifcfg-br0", "a/b", "..", ".", ""] {
             assert!(read(&dir, name).is_err(), "{name:?}");
-            assert!(write(&dir, name, "x\n").is_err(), "{name:?}");
+            assert!(write(&dir, name, "x\n", NOW).is_err(), "{name:?}");
             assert!(restore(&dir, name, None).is_err(), "{name:?}");
         }
         fs::remove_dir_all(&dir).unwrap();

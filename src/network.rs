@@ -13,6 +13,7 @@ use ipnet::Ipv4Net;
 use crate::alloc::{AllocError, Allocator, Record};
 use crate::cli::NetworkFlags;
 use crate::docker::{self, NetworkSpec};
+use crate::exec::RunError;
 use crate::hostnet::Service;
 use crate::ifcfg;
 use crate::kv::{KeyValue, Kv, StoreError};
@@ -34,6 +35,16 @@ pub enum NetworkError {
     HoldsAnother {
         held: Ipv4Addr,
         asked: Ipv4Addr,
+    },
+    /// Docker could not be asked whether network `name` exists (no `docker`, no daemon).
+    DockerUnreachable {
+        name: String,
+        error: RunError,
+    },
+    /// `ip` could not tell the addresses `bridge` carries.
+    BridgeUnreadable {
+        bridge: String,
+        error: RunError,
     },
     /// The Docker network exists with a gateway other than this host's address.
     NetworkDiffers {
@@ -80,6 +91,12 @@ impl fmt::Display for NetworkError {
                 f,
                 "this host already holds {held}, not {asked}; release-host it first to change"
             ),
+            NetworkError::DockerUnreachable { name, error } => {
+                write!(f, "cannot ask Docker about network {name}: {error}")
+            }
+            NetworkError::BridgeUnreadable { bridge, error } => {
+                write!(f, "cannot read the addresses of {bridge}: {error}")
+            }
             NetworkError::NetworkDiffers { name, detail } => write!(
                 f,
                 "Docker network {name} exists with {detail}; remove it \
@@ -150,6 +167,7 @@ enum Done {
         backup: Option<String>,
     },
     StoppedNetworkManager,
+    DisabledNetworkManager,
 }
 
 /// What create-network will do, worked out before anything changes.
@@ -171,6 +189,10 @@ struct Plan {
     iface_file: String,
     iface_now: Option<String>,
     network_exists: bool,
+    /// Whether NetworkManager is to be stopped (it runs) and disabled (it is enabled): only
+    /// what is changed is undone.
+    stop_network_manager: bool,
+    disable_network_manager: bool,
 }
 
 /// Reads etcd and the host and checks the flags; refuses before anything changes.
@@ -207,7 +229,19 @@ fn plan<K: Kv, S: HostSystem>(
             .map_err(|e| NetworkError::NoInterface(e.to_string()))?,
     };
     // An existing network keeps its gateway: this host's address must be that one.
-    let existing_gateway = sys.docker_network(&flags.name);
+    let existing_gateway =
+        sys.docker_network(&flags.name)
+            .map_err(|error| NetworkError::DockerUnreachable {
+                name: flags.name.clone(),
+                error,
+            })?;
+    let bridge_addrs = || {
+        sys.bridge_addrs(&flags.bridge)
+            .map_err(|error| NetworkError::BridgeUnreadable {
+                bridge: flags.bridge.clone(),
+                error,
+            })
+    };
     let differs = |detail: String| NetworkError::NetworkDiffers {
         name: flags.name.clone(),
         detail,
@@ -226,14 +260,16 @@ fn plan<K: Kv, S: HostSystem>(
     };
     let (wanted, adopt) = match (held, wanted) {
         (None, Some(addr)) => {
-            let record = original_record(alloc, &hosts, addr)?
-                .filter(|_| sys.bridge_addrs(&flags.bridge).contains(&addr));
+            let record = match original_record(alloc, &hosts, addr)? {
+                Some(record) if bridge_addrs()?.contains(&addr) => Some(record),
+                _ => None,
+            };
             (Some(addr), record)
         }
         // Without --ip, an address the original gave this host is still on its bridge.
         (None, None) => {
             let mut found = (None, None);
-            for addr in sys.bridge_addrs(&flags.bridge) {
+            for addr in bridge_addrs()? {
                 if let Some(record) = original_record(alloc, &hosts, addr)? {
                     found = (Some(addr), Some(record));
                     break;
@@ -285,6 +321,7 @@ fn plan<K: Kv, S: HostSystem>(
     }
     let iface_file = format!("ifcfg-{interface}");
     let iface_now = read(&iface_file)?;
+    let restart = !flags.no_restart;
     Ok(Plan {
         subnet,
         gateway,
@@ -297,6 +334,8 @@ fn plan<K: Kv, S: HostSystem>(
         interface,
         network_exists: existing_gateway.is_some(),
         adopt,
+        stop_network_manager: restart && sys.network_manager_active(),
+        disable_network_manager: restart && sys.network_manager_enabled(),
     })
 }
 
@@ -361,10 +400,15 @@ fn print_dry_run(plan: &Plan, flags: &NetworkFlags, me: &HostIdentity) {
         );
     }
     if !flags.no_restart {
-        println!(
-            "would run: systemctl stop NetworkManager; systemctl disable NetworkManager; \
-             systemctl restart network"
-        );
+        let mut commands = Vec::new();
+        if plan.stop_network_manager {
+            commands.push("systemctl stop NetworkManager");
+        }
+        if plan.disable_network_manager {
+            commands.push("systemctl disable NetworkManager");
+        }
+        commands.push("systemctl restart network");
+        println!("would run: {}", commands.join("; "));
     }
 }
 
@@ -407,13 +451,14 @@ fn apply<K: Kv, S: HostSystem>(
     sys: &mut S,
     done: &mut Vec<Done>,
 ) -> Result<(), (String, String)> {
+    let now = sys.now();
     let addr = match plan.held {
         Some(addr) => {
             println!("this host already holds {addr}");
             addr
         }
         None => {
-            let owner = me.owner(Role::Host, "", &sys.now());
+            let owner = me.owner(Role::Host, "", &now);
             if let (Some(record), Some(addr)) = (&plan.adopt, plan.wanted) {
                 let ours = owner.to_json();
                 let adopted = alloc
@@ -476,7 +521,7 @@ fn apply<K: Kv, S: HostSystem>(
             continue;
         }
         let backup = sys
-            .write_file(dir, name, text)
+            .write_file(dir, name, text, &now)
             .map_err(|e| step(&format!("writing {}", path.display()), e))?;
         match &backup {
             Some(b) => println!(
@@ -493,13 +538,17 @@ fn apply<K: Kv, S: HostSystem>(
     }
 
     if !flags.no_restart {
-        if sys.network_manager_active() {
+        if plan.stop_network_manager {
             sys.service(Service::StopNetworkManager)
                 .map_err(|e| step("stopping NetworkManager", e))?;
             done.push(Done::StoppedNetworkManager);
+            println!("stopped NetworkManager");
+        }
+        if plan.disable_network_manager {
             sys.service(Service::DisableNetworkManager)
                 .map_err(|e| step("disabling NetworkManager", e))?;
-            println!("stopped and disabled NetworkManager");
+            done.push(Done::DisabledNetworkManager);
+            println!("disabled NetworkManager");
         }
         sys.service(Service::RestartNetwork)
             .map_err(|e| step("restarting the network service", e))?;
@@ -525,6 +574,11 @@ fn undo<K: Kv, S: HostSystem>(
         let (what, result) = match action {
             Done::StoppedNetworkManager => (
                 "started NetworkManager again".to_string(),
+                sys.service(Service::StartNetworkManager)
+                    .map_err(|e| e.to_string()),
+            ),
+            Done::DisabledNetworkManager => (
+                "enabled NetworkManager again".to_string(),
                 sys.service(Service::EnableNetworkManager)
                     .map_err(|e| e.to_string()),
             ),
@@ -643,6 +697,9 @@ mod tests {
         calls: RefCell<Vec<String>>,
         changes: usize,
         fail: BTreeSet<usize>,
+        /// Docker cannot be asked; `ip` cannot tell addresses.
+        docker_down: bool,
+        ip_down: bool,
     }
 
     /// Everything a `FakeHost` holds that create-network may change.
@@ -685,9 +742,12 @@ mod tests {
     }
 
     impl HostSystem for FakeHost {
-        fn docker_network(&self, name: &str) -> Option<Option<Ipv4Addr>> {
+        fn docker_network(&self, name: &str) -> Result<Option<Option<Ipv4Addr>>, RunError> {
             self.look(format!("docker network inspect {name}"));
-            self.networks.get(name).copied()
+            if self.docker_down {
+                return Err(FakeHost::refused());
+            }
+            Ok(self.networks.get(name).copied())
         }
 
         fn create_docker_network(
@@ -710,9 +770,12 @@ mod tests {
             Ok(())
         }
 
-        fn bridge_addrs(&self, bridge: &str) -> Vec<Ipv4Addr> {
+        fn bridge_addrs(&self, bridge: &str) -> Result<Vec<Ipv4Addr>, RunError> {
             self.look(format!("ip addr show {bridge}"));
-            self.bridge_addrs.clone()
+            if self.ip_down {
+                return Err(FakeHost::refused());
+            }
+            Ok(self.bridge_addrs.clone())
         }
 
         fn route_interface(&self, gateway: Ipv4Addr) -> Result<String, RouteError> {
@@ -727,14 +790,20 @@ mod tests {
             self.nm_active
         }
 
+        fn network_manager_enabled(&self) -> bool {
+            self.look("systemctl is-enabled NetworkManager".into());
+            self.nm_enabled
+        }
+
         fn service(&mut self, change: Service) -> Result<(), RunError> {
             if self.change(format!("{change:?}")) {
                 return Err(FakeHost::refused());
             }
             match change {
                 Service::StopNetworkManager => self.nm_active = false,
+                Service::StartNetworkManager => self.nm_active = true,
                 Service::DisableNetworkManager => self.nm_enabled = false,
-                Service::EnableNetworkManager => (self.nm_active, self.nm_enabled) = (true, true),
+                Service::EnableNetworkManager => self.nm_enabled = true,
                 Service::RestartNetwork => self.restarts += 1,
             }
             Ok(())
@@ -750,11 +819,17 @@ mod tests {
             ifcfg::read(dir, name)
         }
 
-        fn write_file(&mut self, dir: &Path, name: &str, text: &str) -> io::Result<Option<String>> {
+        fn write_file(
+            &mut self,
+            dir: &Path,
+            name: &str,
+            text: &str,
+            now: &str,
+        ) -> io::Result<Option<String>> {
             if self.change(format!("write {name}")) {
                 return Err(io::Error::other("injected failure"));
             }
-            ifcfg::write(dir, name, text)
+            ifcfg::write(dir, name, text, now)
         }
 
         fn restore_file(&mut self, dir: &Path, name: &str, backup: Option<&str>) -> io::Result<()> {
@@ -786,8 +861,8 @@ mod tests {
     }
 
     /// A host h1 whose hosts' subnet 192.0.2.0/24 (router .1) pools hosts .10-.12 and
-    /// containers .100-.110; NetworkManager runs, the route to the router goes by eth1,
-    /// and its ifcfg directory is empty.
+    /// containers .100-.110; NetworkManager runs and is enabled, the route to the router goes
+    /// by eth1, and its ifcfg directory is empty.
     struct World {
         kv: MemKv,
         layout: Layout,
@@ -916,20 +991,25 @@ mod tests {
                 "DEVICE=eth1\nONBOOT=yes\nBRIDGE=br0\n".into()
             )
         );
-        assert!(files[2].0.starts_with("ifcfg-eth1.") && files[2].0.ends_with(".bak"));
-        assert_eq!(files[2].1, "DEVICE=eth1\nONBOOT=yes\n");
+        // The backup is dated by the host's clock, which the fake sets.
+        assert_eq!(
+            files[2],
+            (
+                "ifcfg-eth1.20261122T000000.bak".into(),
+                "DEVICE=eth1\nONBOOT=yes\n".into()
+            )
+        );
         assert_eq!(files.len(), 3);
         assert_eq!(
             (w.host.nm_active, w.host.nm_enabled, w.host.restarts),
             (false, false, 1)
         );
         assert_eq!(
-            w.host.calls.borrow()[w.host.calls.borrow().len() - 7..],
+            w.host.calls.borrow()[w.host.calls.borrow().len() - 6..],
             [
                 format!("docker network create mynet {a}"),
                 "write ifcfg-br0".into(),
                 "write ifcfg-eth1".into(),
-                "systemctl is-active NetworkManager".into(),
                 "StopNetworkManager".into(),
                 "DisableNetworkManager".into(),
                 "RestartNetwork".into(),
@@ -1010,6 +1090,25 @@ mod tests {
                 "no route to the router",
                 |w| w.host.route = None,
                 |e| matches!(e, NetworkError::NoInterface(_)),
+            ),
+            (
+                "Docker cannot be asked",
+                |w| w.host.docker_down = true,
+                |e| matches!(e, NetworkError::DockerUnreachable { name, .. } if name == "mynet"),
+            ),
+            (
+                "ip cannot tell the bridge's addresses",
+                |w| w.host.ip_down = true,
+                |e| matches!(e, NetworkError::BridgeUnreadable { bridge, .. } if bridge == "br0"),
+            ),
+            (
+                "ip cannot tell the addresses of a bridge an original record may be on",
+                |w| {
+                    w.hold(addr(11), &Owner::original(Role::Host, NOW));
+                    w.flags.ip = Some(addr(11));
+                    w.host.ip_down = true;
+                },
+                |e| matches!(e, NetworkError::BridgeUnreadable { .. }),
             ),
             (
                 "the network's gateway is another address",
@@ -1131,12 +1230,18 @@ mod tests {
                 w.host.bridge_addrs = vec![addr(11)];
             }),
             (
-                "an existing network's gateway, NetworkManager stopped",
+                "an existing network's gateway, NetworkManager enabled but stopped",
                 |w| {
                     w.host.networks.insert("mynet".into(), Some(addr(12)));
                     w.host.nm_active = false;
                 },
             ),
+            ("NetworkManager running but not enabled", |w| {
+                w.host.nm_enabled = false;
+            }),
+            ("NetworkManager neither running nor enabled", |w| {
+                (w.host.nm_active, w.host.nm_enabled) = (false, false);
+            }),
         ]
     }
 

@@ -15,9 +15,9 @@ use crate::ifcfg;
 /// What create-network needs of the host it runs on. The `&mut self` methods change it; the
 /// others only look.
 pub trait HostSystem {
-    /// None if no Docker network `name` exists (or Docker cannot be asked); else its IPv4
-    /// gateway, if it has one.
-    fn docker_network(&self, name: &str) -> Option<Option<Ipv4Addr>>;
+    /// None if Docker says no network `name` exists; else its IPv4 gateway, if it has one.
+    /// An error if Docker cannot be asked.
+    fn docker_network(&self, name: &str) -> Result<Option<Option<Ipv4Addr>>, RunError>;
     /// Creates the Docker network `spec` with `gateway` as its gateway.
     fn create_docker_network(
         &mut self,
@@ -26,12 +26,16 @@ pub trait HostSystem {
     ) -> Result<(), RunError>;
     fn remove_docker_network(&mut self, name: &str) -> Result<(), RunError>;
 
-    /// The IPv4 addresses `bridge` carries now (none if it does not exist).
-    fn bridge_addrs(&self, bridge: &str) -> Vec<Ipv4Addr>;
+    /// The IPv4 addresses `bridge` carries now (none if it does not exist); an error if
+    /// `ip` cannot tell.
+    fn bridge_addrs(&self, bridge: &str) -> Result<Vec<Ipv4Addr>, RunError>;
     /// The device of the route to `gateway`.
     fn route_interface(&self, gateway: Ipv4Addr) -> Result<String, RouteError>;
 
+    /// Whether NetworkManager is running now.
     fn network_manager_active(&self) -> bool;
+    /// Whether NetworkManager is enabled, to start at boot.
+    fn network_manager_enabled(&self) -> bool;
     fn service(&mut self, change: Service) -> Result<(), RunError>;
 
     /// Whether the ifcfg directory `dir` exists.
@@ -39,12 +43,18 @@ pub trait HostSystem {
     /// The text of the file `name` in `dir`; None if there is none.
     fn read_file(&self, dir: &Path, name: &str) -> io::Result<Option<String>>;
     /// Replaces (or creates) `name` in `dir` with `text`; the name of the backup of what it
-    /// held, if it existed.
-    fn write_file(&mut self, dir: &Path, name: &str, text: &str) -> io::Result<Option<String>>;
+    /// held, if it existed, dated `now` (as [`HostSystem::now`] tells it).
+    fn write_file(
+        &mut self,
+        dir: &Path,
+        name: &str,
+        text: &str,
+        now: &str,
+    ) -> io::Result<Option<String>>;
     /// Undoes a `write_file`: moves `backup` back to `name`, or removes `name` if none.
     fn restore_file(&mut self, dir: &Path, name: &str, backup: Option<&str>) -> io::Result<()>;
 
-    /// The time a record is dated with (RFC 3339, UTC).
+    /// The time records and backups are dated with (RFC 3339, UTC).
     fn now(&self) -> String;
 }
 
@@ -52,7 +62,7 @@ pub trait HostSystem {
 pub struct ThisHost;
 
 impl HostSystem for ThisHost {
-    fn docker_network(&self, name: &str) -> Option<Option<Ipv4Addr>> {
+    fn docker_network(&self, name: &str) -> Result<Option<Option<Ipv4Addr>>, RunError> {
         docker::network_gateway(name)
     }
 
@@ -68,7 +78,7 @@ impl HostSystem for ThisHost {
         docker::remove_network(name)
     }
 
-    fn bridge_addrs(&self, bridge: &str) -> Vec<Ipv4Addr> {
+    fn bridge_addrs(&self, bridge: &str) -> Result<Vec<Ipv4Addr>, RunError> {
         hostnet::bridge_addrs(bridge)
     }
 
@@ -78,6 +88,10 @@ impl HostSystem for ThisHost {
 
     fn network_manager_active(&self) -> bool {
         hostnet::network_manager_active()
+    }
+
+    fn network_manager_enabled(&self) -> bool {
+        hostnet::network_manager_enabled()
     }
 
     fn service(&mut self, change: Service) -> Result<(), RunError> {
@@ -92,8 +106,14 @@ impl HostSystem for ThisHost {
         ifcfg::read(dir, name)
     }
 
-    fn write_file(&mut self, dir: &Path, name: &str, text: &str) -> io::Result<Option<String>> {
-        ifcfg::write(dir, name, text)
+    fn write_file(
+        &mut self,
+        dir: &Path,
+        name: &str,
+        text: &str,
+        now: &str,
+    ) -> io::Result<Option<String>> {
+        ifcfg::write(dir, name, text, now)
     }
 
     fn restore_file(&mut self, dir: &Path, name: &str, backup: Option<&str>) -> io::Result<()> {
