@@ -1,11 +1,11 @@
-//! create-network's refusals, dry run and rollback against a real etcd, with a Docker that
-//! cannot be asked or a fake `docker` that knows no network and cannot create one (the
-//! end-to-end tests cover the successful path with real dockerd).
+//! create-network against a real etcd with no Docker to ask: what it refuses before asking
+//! Docker, and that a Docker it cannot ask is refused before any change. tests/e2e.rs runs it
+//! against real dockerd (refusals, dry run, the successful path); network.rs unit-tests that a
+//! failure at each step is undone exactly.
 
 mod common;
 
-use common::{fails, host_range, ip_range, ok, unique_prefix, Etcd, TempDir, BIN};
-use std::os::unix::fs::PermissionsExt;
+use common::{fails, host_range, ip_range, unique_prefix, Etcd, TempDir, BIN};
 use std::process::{Command, Output};
 
 /// The Docker create-network runs against.
@@ -14,8 +14,6 @@ enum Docker<'a> {
     Down,
     /// No `docker` on the `PATH`, which is this empty directory.
     Missing(&'a TempDir),
-    /// The `docker` of [`fake_docker`], first on the `PATH`.
-    Fake(&'a TempDir),
 }
 
 fn create_network(etcd: &Etcd, prefix: &str, docker: Docker, args: &[&str]) -> Output {
@@ -36,28 +34,8 @@ fn create_network(etcd: &Etcd, prefix: &str, docker: Docker, args: &[&str]) -> O
         Docker::Missing(dir) => {
             command.env("PATH", &dir.0);
         }
-        Docker::Fake(dir) => {
-            let path = std::env::var("PATH").unwrap_or_default();
-            command.env("PATH", format!("{}:{path}", dir.0.display()));
-        }
     }
     command.output().expect("run the binary")
-}
-
-/// A directory holding a `docker` that answers `network inspect` as Debian's docker.io does
-/// for a network that does not exist, and fails `network create`.
-fn fake_docker() -> TempDir {
-    let dir = TempDir::new("cn-docker");
-    let script = "#!/bin/sh\n\
-                  case \"$1 $2\" in\n\
-                  'network inspect') echo \"Error: No such network: $5\" >&2; exit 1 ;;\n\
-                  'network create') echo 'Error response from daemon: injected' >&2; exit 1 ;;\n\
-                  esac\n\
-                  echo \"fake docker: unexpected $*\" >&2; exit 2\n";
-    let path = dir.join("docker");
-    std::fs::write(&path, script).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    dir
 }
 
 fn files_in(dir: &TempDir) -> Vec<(String, String)> {
@@ -83,91 +61,17 @@ fn pools_defined(etcd: &Etcd) -> String {
     p
 }
 
+/// The refusals that come before Docker is asked; the others, which need a Docker that
+/// answers, are in tests/e2e.rs with a real dockerd.
 #[test]
-fn a_failed_step_undoes_the_ones_before_it() {
-    let etcd = Etcd::shared();
-    let p = pools_defined(etcd);
-    let ifcfg = TempDir::new("cn-undo");
-    std::fs::write(ifcfg.join("ifcfg-eth1"), "DEVICE=eth1\nONBOOT=yes\n").unwrap();
-    let (etcd_before, files_before) = (etcd.dump(&p), files_in(&ifcfg));
-    let docker = fake_docker();
-    let dir = ifcfg.0.to_str().unwrap();
-    let args = ["--ifcfg-dir", dir, "--interface", "eth1", "--no-restart"];
-    let out = create_network(etcd, &p, Docker::Fake(&docker), &args);
-    fails(out, 1, "docker network create failed");
-    let with_ip = [&args[..], &["--ip", "192.0.2.11"]].concat();
-    let out = create_network(etcd, &p, Docker::Fake(&docker), &with_ip);
-    fails(out, 1, "undone: released host address 192.0.2.11");
-    assert_eq!(etcd.dump(&p), etcd_before);
-    assert_eq!(files_in(&ifcfg), files_before);
-}
-
-#[test]
-fn refusals_change_nothing() {
+fn refusals_before_docker_is_asked_change_nothing() {
     let etcd = Etcd::shared();
     let p = pools_defined(etcd);
     let ifcfg = TempDir::new("cn-refuse");
     std::fs::write(ifcfg.join("ifcfg-br0"), "DEVICE=br0\nIPADDR=203.0.113.9\n").unwrap();
     let (etcd_before, files_before) = (etcd.dump(&p), files_in(&ifcfg));
     let dir = ifcfg.0.to_str().unwrap();
-    let fake = fake_docker();
-    let docker = || Docker::Fake(&fake);
-    let cases: &[(&[&str], &str)] = &[
-        (
-            &["--ifcfg-dir", "/nonexistent/ifcfg", "--interface", "eth1"],
-            "is not a directory",
-        ),
-        (
-            &[
-                "--ifcfg-dir",
-                dir,
-                "--interface",
-                "eth1",
-                "--ip",
-                "198.51.100.7",
-            ],
-            "not in the address pool",
-        ),
-        // The dry run refuses what the real run would, instead of saying "would take".
-        (
-            &[
-                "--ifcfg-dir",
-                dir,
-                "--interface",
-                "eth1",
-                "--ip",
-                "198.51.100.7",
-                "--dry-run",
-            ],
-            "not in the address pool",
-        ),
-        (
-            &[
-                "--ifcfg-dir",
-                dir,
-                "--interface",
-                "eth1",
-                "--ip",
-                "192.0.2.1",
-                "--dry-run",
-            ],
-            "192.0.2.1 is not in the address pool of 192.0.2.0/24",
-        ),
-        (
-            &[
-                "--ifcfg-dir",
-                dir,
-                "--interface",
-                "eth1",
-                "--ip",
-                "192.0.2.11",
-            ],
-            "exists with other content; use --force",
-        ),
-    ];
-    for (args, needle) in cases {
-        fails(create_network(etcd, &p, docker(), args), 1, needle);
-    }
+    let docker = || Docker::Down;
     fails(
         create_network(
             etcd,
@@ -197,40 +101,6 @@ fn refusals_change_nothing() {
     );
     assert_eq!(etcd.dump(&p), etcd_before);
     assert_eq!(files_in(&ifcfg), files_before);
-}
-
-#[test]
-fn dry_run_prints_every_step_and_changes_nothing() {
-    let etcd = Etcd::shared();
-    let p = pools_defined(etcd);
-    let ifcfg = TempDir::new("cn-dry");
-    let before = etcd.dump(&p);
-    let docker = fake_docker();
-    let out = ok(create_network(
-        etcd,
-        &p,
-        Docker::Fake(&docker),
-        &[
-            "--ifcfg-dir",
-            ifcfg.0.to_str().unwrap(),
-            "--interface",
-            "eth1",
-            "--dry-run",
-            "--ip",
-            "192.0.2.12",
-        ],
-    ));
-    for step in [
-        "would take 192.0.2.12 from the host pool",
-        "--ipam-driver=talkingdata --subnet=192.0.2.0/24 --gateway=<host address> --aux-address=DefaultGatewayIPv4=192.0.2.1 mynet",
-        "would write",
-        "would add BRIDGE=br0 to",
-        "systemctl restart network",
-    ] {
-        assert!(out.contains(step), "dry run does not say {step:?}:\n{out}");
-    }
-    assert_eq!(etcd.dump(&p), before);
-    assert!(files_in(&ifcfg).is_empty());
 }
 
 /// Whether the network exists is not known while Docker cannot be asked: the run, and the dry

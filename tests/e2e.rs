@@ -410,6 +410,88 @@ fn host_address(etcd: &Etcd, prefix: &str, host: &str) -> String {
     held[0].clone()
 }
 
+/// Every file of `dir` and its text, sorted.
+fn files_in(dir: &Path) -> Vec<(String, String)> {
+    let mut files: Vec<(String, String)> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            Some((
+                e.file_name().into_string().ok()?,
+                std::fs::read_to_string(e.path()).ok()?,
+            ))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// create-network against a real dockerd: each refusal comes before anything changes (etcd,
+/// the ifcfg files, Docker's networks), and the dry run prints every step and changes nothing.
+/// (A failure at each later step being undone exactly is unit-tested in network.rs, where a
+/// step can be made to fail.)
+#[test]
+fn create_network_refuses_before_any_change_and_dry_runs_with_a_real_dockerd() {
+    let (_serial, etcd, p) = lab_pools("e2e-cn", "192.0.2");
+    let lab = Lab::new("cn");
+    let host = Host::start(&lab, "hostC", etcd, &p);
+    host.in_netns(&[
+        "ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1p",
+    ]);
+    let ifcfg = lab.dir.join("ifcfg");
+    std::fs::create_dir_all(&ifcfg).unwrap();
+    std::fs::write(ifcfg.join("ifcfg-br0"), "DEVICE=br0\nIPADDR=203.0.113.9\n").unwrap();
+    let dir = ifcfg.to_str().unwrap();
+    let networks = || stdout(&host.docker(&["network", "ls", "--format", "{{.Name}}"]));
+    let before = (etcd.dump(&p), files_in(&ifcfg), networks());
+    let run = |args: &[&str]| {
+        let base = ["create-network", "--ifcfg-dir", dir, "--interface", "eth1"];
+        host.own_command(&[&base[..], args].concat())
+            .output()
+            .unwrap()
+    };
+    let cases: &[(&[&str], &str)] = &[
+        (&["--ip", "198.51.100.7"], "not in the address pool"),
+        // The dry run refuses what the real run would, instead of saying "would take".
+        (
+            &["--ip", "198.51.100.7", "--dry-run"],
+            "not in the address pool",
+        ),
+        (
+            &["--ip", "192.0.2.1", "--dry-run"],
+            "192.0.2.1 is not in the address pool of 192.0.2.0/24",
+        ),
+        (
+            &["--ip", "192.0.2.11"],
+            "exists with other content; use --force",
+        ),
+        (&["--ifcfg-dir", "/nonexistent/ifcfg"], "is not a directory"),
+    ];
+    for (args, needle) in cases {
+        common::fails(run(args), 1, needle);
+    }
+    common::fails(run(&["--mtu", "12"]), 2, "--mtu");
+    assert_eq!((etcd.dump(&p), files_in(&ifcfg), networks()), before);
+
+    std::fs::remove_file(ifcfg.join("ifcfg-br0")).unwrap();
+    let said = ok_in(
+        "create-network --dry-run",
+        run(&["--dry-run", "--ip", "192.0.2.12"]),
+    );
+    for step in [
+        "would take 192.0.2.12 from the host pool",
+        "--ipam-driver=talkingdata --subnet=192.0.2.0/24 --gateway=<host address> --aux-address=DefaultGatewayIPv4=192.0.2.1 mynet",
+        "would write",
+        "would add BRIDGE=br0 to",
+        "systemctl restart network",
+    ] {
+        assert!(said.contains(step), "dry run does not say {step:?}:\n{said}");
+    }
+    assert_eq!(etcd.dump(&p), before.0);
+    assert!(files_in(&ifcfg).is_empty());
+    assert_eq!(networks(), before.2);
+}
+
 #[test]
 fn one_host_allocates_from_etcd_and_gives_addresses_back() {
     let (_serial, etcd, p) = lab_pools("e2e-one", "192.0.2");
