@@ -38,21 +38,6 @@ fn create_network(etcd: &Etcd, prefix: &str, docker: Docker, args: &[&str]) -> O
     command.output().expect("run the binary")
 }
 
-fn files_in(dir: &TempDir) -> Vec<(String, String)> {
-    let mut files: Vec<(String, String)> = std::fs::read_dir(&dir.0)
-        .unwrap()
-        .filter_map(|e| {
-            let e = e.ok()?;
-            Some((
-                e.file_name().into_string().ok()?,
-                std::fs::read_to_string(e.path()).ok()?,
-            ))
-        })
-        .collect();
-    files.sort();
-    files
-}
-
 /// Hosts .10-.12 and containers .100-.110 of 192.0.2.0/24, under a fresh prefix.
 fn pools_defined(etcd: &Etcd) -> String {
     let p = unique_prefix("cn");
@@ -69,7 +54,7 @@ fn refusals_before_docker_is_asked_change_nothing() {
     let p = pools_defined(etcd);
     let ifcfg = TempDir::new("cn-refuse");
     std::fs::write(ifcfg.join("ifcfg-br0"), "DEVICE=br0\nIPADDR=203.0.113.9\n").unwrap();
-    let (etcd_before, files_before) = (etcd.dump(&p), files_in(&ifcfg));
+    let (etcd_before, files_before) = (etcd.dump(&p), common::files_in(&ifcfg.0));
     let dir = ifcfg.0.to_str().unwrap();
     let docker = || Docker::Down;
     fails(
@@ -100,7 +85,7 @@ fn refusals_before_docker_is_asked_change_nothing() {
         "--mtu",
     );
     assert_eq!(etcd.dump(&p), etcd_before);
-    assert_eq!(files_in(&ifcfg), files_before);
+    assert_eq!(common::files_in(&ifcfg.0), files_before);
 }
 
 /// Whether the network exists is not known while Docker cannot be asked: the run, and the dry
@@ -110,7 +95,7 @@ fn a_docker_that_cannot_be_asked_is_refused_before_any_change() {
     let etcd = Etcd::shared();
     let p = pools_defined(etcd);
     let ifcfg = TempDir::new("cn-no-docker");
-    let (etcd_before, files_before) = (etcd.dump(&p), files_in(&ifcfg));
+    let (etcd_before, files_before) = (etcd.dump(&p), common::files_in(&ifcfg.0));
     let dir = ifcfg.0.to_str().unwrap();
     let empty = TempDir::new("cn-empty-path");
     for dry_run in [&[][..], &["--dry-run"]] {
@@ -127,5 +112,5 @@ fn a_docker_that_cannot_be_asked_is_refused_before_any_change() {
         );
     }
     assert_eq!(etcd.dump(&p), etcd_before);
-    assert_eq!(files_in(&ifcfg), files_before);
+    assert_eq!(common::files_in(&ifcfg.0), files_before);
 }

@@ -410,22 +410,6 @@ fn host_address(etcd: &Etcd, prefix: &str, host: &str) -> String {
     held[0].clone()
 }
 
-/// Every file of `dir` and its text, sorted.
-fn files_in(dir: &Path) -> Vec<(String, String)> {
-    let mut files: Vec<(String, String)> = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| {
-            let e = e.ok()?;
-            Some((
-                e.file_name().into_string().ok()?,
-                std::fs::read_to_string(e.path()).ok()?,
-            ))
-        })
-        .collect();
-    files.sort();
-    files
-}
-
 /// create-network against a real dockerd: each refusal comes before anything changes (etcd,
 /// the ifcfg files, Docker's networks), and the dry run prints every step and changes nothing.
 /// (A failure at each later step being undone exactly is unit-tested in network.rs, where a
@@ -443,7 +427,7 @@ fn create_network_refuses_before_any_change_and_dry_runs_with_a_real_dockerd() {
     std::fs::write(ifcfg.join("ifcfg-br0"), "DEVICE=br0\nIPADDR=203.0.113.9\n").unwrap();
     let dir = ifcfg.to_str().unwrap();
     let networks = || stdout(&host.docker(&["network", "ls", "--format", "{{.Name}}"]));
-    let before = (etcd.dump(&p), files_in(&ifcfg), networks());
+    let before = (etcd.dump(&p), common::files_in(&ifcfg), networks());
     let run = |args: &[&str]| {
         let base = ["create-network", "--ifcfg-dir", dir, "--interface", "eth1"];
         host.own_command(&[&base[..], args].concat())
@@ -471,7 +455,10 @@ fn create_network_refuses_before_any_change_and_dry_runs_with_a_real_dockerd() {
         common::fails(run(args), 1, needle);
     }
     common::fails(run(&["--mtu", "12"]), 2, "--mtu");
-    assert_eq!((etcd.dump(&p), files_in(&ifcfg), networks()), before);
+    assert_eq!(
+        (etcd.dump(&p), common::files_in(&ifcfg), networks()),
+        before
+    );
 
     std::fs::remove_file(ifcfg.join("ifcfg-br0")).unwrap();
     let said = ok_in(
@@ -488,7 +475,7 @@ fn create_network_refuses_before_any_change_and_dry_runs_with_a_real_dockerd() {
         assert!(said.contains(step), "dry run does not say {step:?}:\n{said}");
     }
     assert_eq!(etcd.dump(&p), before.0);
-    assert!(files_in(&ifcfg).is_empty());
+    assert!(common::files_in(&ifcfg).is_empty());
     assert_eq!(networks(), before.2);
 }
 

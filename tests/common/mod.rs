@@ -733,3 +733,19 @@ impl PluginClient {
         }
     }
 }
+
+/// Every file of `dir` and its text, sorted.
+pub fn files_in(dir: &std::path::Path) -> Vec<(String, String)> {
+    let mut files: Vec<(String, String)> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            Some((
+                e.file_name().into_string().ok()?,
+                std::fs::read_to_string(e.path()).ok()?,
+            ))
+        })
+        .collect();
+    files.sort();
+    files
+}
