@@ -514,7 +514,6 @@ impl<K: Kv> Allocator<K> {
             }
             Err(e) => return Err(e.into()),
         };
-        let has_nearby = nearby.is_some();
         let read = Txn {
             success: [
                 vec![
@@ -533,7 +532,7 @@ impl<K: Kv> Allocator<K> {
             Err(e) if resent => return Err(self.unsettled_take(e, keys, addr, value)),
             Err(e) => return Err(e.into()),
         };
-        let miss = Miss { found, has_nearby };
+        let miss = Miss { found };
         if miss.held().is_some_and(|kv| kv.value == value) {
             self.remember(keys.assigned(addr), value);
             return Ok(None);
@@ -972,7 +971,6 @@ pub fn move_back_txn(keys: &PoolKeys, addr: Ipv4Addr, guard: Compare, failure: V
 /// What a taking that missed found, read after it.
 struct Miss {
     found: TxnOutcome,
-    has_nearby: bool,
 }
 
 impl Miss {
@@ -991,13 +989,9 @@ impl Miss {
         self.found.range(2).is_empty()
     }
 
-    /// The free keys read near the address, when asked for.
+    /// The free keys read near the address; none when they were not asked for.
     fn nearby(&self) -> &[KeyValue] {
-        if self.has_nearby {
-            self.found.range(3)
-        } else {
-            &[]
-        }
+        self.found.range(3)
     }
 }
 
