@@ -1,8 +1,9 @@
 //! The socket loop: HTTP on a Unix socket, bound here or inherited through systemd socket
-//! activation, until SIGTERM or SIGINT. Clients are read on threads of their own, each cut off
-//! if a request is not in within a few seconds; the handler runs on one thread, one whole
-//! request at a time, and writes each answer as far as the client's socket takes it without
-//! waiting (all of it, unless the client stopped reading): the client's thread writes the rest.
+//! activation, until SIGTERM or SIGINT. One thread polls the listener and the connections
+//! waiting between requests, and runs the handler, one whole request at a time: a request that
+//! arrives whole is answered there and then. A connection whose request comes in pieces, or
+//! that does not take its answer at once, gets a thread of its own that reads it under a
+//! deadline (or writes the rest of the answer), so that the handler never waits on a client.
 //! Knows nothing of what the requests mean.
 //!
 //! tiny_http's `Server` is not used: its accept thread ends on the first accept error (EMFILE),
@@ -248,7 +249,7 @@ pub fn listen(path: &Path) -> Result<Listener, ServerError> {
     Ok(Listener::Bound(listener, file))
 }
 
-/// One request for the handler, and where its answer goes.
+/// One request a connection's thread read, and where its answer goes.
 struct Job {
     path: String,
     body: Result<Vec<u8>, BodyError>,
@@ -260,19 +261,58 @@ struct Job {
     reply: mpsc::Sender<Answer>,
 }
 
-/// An answer, and how much of it the handler's loop has written already.
+/// An answer, and how much of it the loop has written already.
 struct Answer {
     bytes: Vec<u8>,
     written: io::Result<usize>,
+    unwritten: Unwritten,
+}
+
+/// Counts live connections, and answers handed to connection threads but not yet written.
+#[derive(Default)]
+struct Counts {
+    connections: AtomicUsize,
+    unwritten: AtomicUsize,
+}
+
+/// Holds one count in `connections` while a connection lives.
+struct Live(Arc<Counts>);
+
+impl Live {
+    fn new(counts: &Arc<Counts>) -> Live {
+        counts.connections.fetch_add(1, Ordering::SeqCst);
+        Live(Arc::clone(counts))
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Holds one count in `unwritten` while an answer waits for a connection's thread to write it,
+/// so that a stopping server waits for it.
+struct Unwritten(Arc<Counts>);
+
+impl Unwritten {
+    fn new(counts: &Arc<Counts>) -> Unwritten {
+        counts.unwritten.fetch_add(1, Ordering::SeqCst);
+        Unwritten(Arc::clone(counts))
+    }
+}
+
+impl Drop for Unwritten {
+    fn drop(&mut self) {
+        self.0.unwritten.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Writes as much of `bytes` as the client's socket takes without waiting: all of an answer
-/// unless the client has stopped reading. Writing here rather than on the connection's thread
-/// spares the client a thread wake-up before it has its answer (about 3% of RequestAddress,
-/// `cargo bench --bench allocation`); a client that does not read costs the loop nothing.
+/// unless the client has stopped reading, and then a connection's thread writes the rest.
 fn write_now(client: RawFd, bytes: &[u8]) -> io::Result<usize> {
-    // SAFETY: send(2) only reads `bytes`, on a descriptor the connection's thread keeps open
-    // until this job's answer reaches it.
+    // SAFETY: send(2) only reads `bytes`, on a descriptor that is open while this runs (the
+    // loop's own, or one a connection's thread keeps open until its job is answered).
     let sent = unsafe {
         libc::send(
             client,
@@ -289,20 +329,6 @@ fn write_now(client: RawFd, bytes: &[u8]) -> io::Result<usize> {
         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
         _ => Err(e),
     }
-}
-
-/// What the handler's loop hears from the other threads.
-enum Event {
-    Request(Job),
-    /// The listening socket failed for good.
-    ListenerFailed(io::Error),
-}
-
-/// Counts live connections, and answers handed to connection threads but not yet written.
-#[derive(Default)]
-struct Counts {
-    connections: AtomicUsize,
-    unwritten: AtomicUsize,
 }
 
 /// Set by SIGTERM or SIGINT. Made before the socket is bound, so that a signal arriving as
@@ -329,12 +355,82 @@ pub trait Handler {
     fn idle(&mut self) {}
 }
 
+/// The handler's answer to one request, as the bytes to write.
+fn respond(
+    handler: &mut impl Handler,
+    path: &str,
+    body: Result<&[u8], BodyError>,
+    keep_alive: bool,
+) -> Vec<u8> {
+    let reply = handler.handle(path, body);
+    http::answer(
+        reply.status,
+        reply.content_type,
+        &reply.body,
+        !keep_alive,
+        false,
+        &[],
+    )
+}
+
+/// What connection threads use to reach the loop: a job goes on the channel, then a byte on
+/// the wake socket, which the loop polls beside the clients'.
+#[derive(Clone)]
+struct ToLoop {
+    jobs: mpsc::Sender<Job>,
+    wake: Arc<UnixStream>,
+    counts: Arc<Counts>,
+}
+
+impl ToLoop {
+    /// False if the loop has stopped.
+    fn send(&self, job: Job) -> bool {
+        if self.jobs.send(job).is_err() {
+            return false;
+        }
+        // A full wake socket already has the loop woken; any other failure leaves the job to
+        // the loop's next round, at most POLL away.
+        let _ = (&*self.wake).write(&[1]);
+        true
+    }
+}
+
+/// A connection between requests, polled by the loop until its next request begins.
+struct Waiting {
+    stream: UnixStream,
+    /// When it is closed if no request has begun by then.
+    until: Instant,
+    live: Live,
+}
+
+/// Where a connection's thread starts when the loop hands it a connection.
+struct Handoff {
+    /// Bytes the loop read from the client: the start of the requests it left to the thread.
+    read: Vec<u8>,
+    /// The rest of an answer the client's socket did not take at once, and whether the
+    /// connection stays open after it.
+    unwritten: Option<(Vec<u8>, bool, Unwritten)>,
+    /// The deadline of the request in `read`.
+    until: Instant,
+}
+
+/// Bytes read from a waiting client at once: a request of Docker's fits many times over.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// What the loop polls: the wake socket, the listener, then each waiting connection.
+const WAKE: usize = 0;
+const LISTENER: usize = 1;
+const FIRST_WAITING: usize = 2;
+
 /// Serves `handler` until SIGTERM or SIGINT, then finishes the request in hand, removes the
 /// socket file it bound (if still its own), and returns.
 ///
-/// One thread accepts; each connection gets a thread that reads its requests under
-/// [`REQUEST_TIMEOUT`] and writes what of an answer the socket did not take at once; `handler`
-/// runs on the calling thread only, one request at a time, and never waits on a client.
+/// This thread polls the listener and every connection that waits between requests, accepts,
+/// reads, and runs `handler`, one request at a time. A request that arrives whole in one read
+/// is answered right there: the client's bytes wake one thread, the one that answers. Anything
+/// else (a request in pieces, one to refuse, a client that does not read its answer) goes to
+/// a thread of the connection's own, which reads under [`REQUEST_TIMEOUT`] and passes whole
+/// requests back to this loop, so that `handler` never waits on a client.
 pub fn serve(
     listener: Listener,
     stop: Stop,
@@ -345,52 +441,237 @@ pub fn serve(
         Listener::Bound(listener, file) => (listener, Some(file)),
         Listener::Inherited(listener) => (listener, None),
     };
-    // systemd may pass the socket non-blocking; the accept thread blocks.
-    unix.set_nonblocking(false).map_err(ServerError::Accept)?;
+    // Accepting only when poll says a connection waits; accepted sockets block (their
+    // threads rely on it), reads here never wait (MSG_DONTWAIT).
+    unix.set_nonblocking(true).map_err(ServerError::Accept)?;
     let limit = raise_open_files_limit();
     let cap = (limit / 2).clamp(8, MAX_CONNECTIONS as u64) as usize;
     log::debug!("open files limit {limit}: up to {cap} connections at once");
     let counts = Arc::new(Counts::default());
-    let (events, inbox) = mpsc::channel();
-    {
-        let counts = Arc::clone(&counts);
-        std::thread::Builder::new()
-            .name("accept".into())
-            .spawn(move || accept_loop(&unix, &events, &counts, cap))
-            .map_err(ServerError::Accept)?;
-    }
+    let (jobs, inbox) = mpsc::channel();
+    let (wake, woken) = UnixStream::pair().map_err(ServerError::Accept)?;
+    wake.set_nonblocking(true).map_err(ServerError::Accept)?;
+    woken.set_nonblocking(true).map_err(ServerError::Accept)?;
+    let to_loop = ToLoop {
+        jobs,
+        wake: Arc::new(wake),
+        counts: Arc::clone(&counts),
+    };
+    let mut waiting: Vec<Waiting> = Vec::new();
+    let mut buffer = vec![0u8; READ_BUFFER];
+    let mut accept_after = Instant::now();
+    let mut exhausted = false;
+    let mut next_idle = Instant::now() + POLL;
     while !stop.load(Ordering::Relaxed) {
-        match inbox.recv_timeout(POLL) {
-            Ok(Event::Request(job)) => {
-                let reply = handler.handle(&job.path, job.body.as_deref().map_err(Clone::clone));
-                let bytes = http::answer(
-                    reply.status,
-                    reply.content_type,
-                    &reply.body,
-                    !job.keep_alive,
-                    false,
-                    &[],
-                );
-                let written = write_now(job.client, &bytes);
-                counts.unwritten.fetch_add(1, Ordering::SeqCst);
-                if job.reply.send(Answer { bytes, written }).is_err() {
-                    counts.unwritten.fetch_sub(1, Ordering::SeqCst);
-                }
+        let now = Instant::now();
+        let at_cap = counts.connections.load(Ordering::SeqCst) >= cap;
+        let accepting = !at_cap && now >= accept_after;
+        let mut wake_at = waiting
+            .iter()
+            .map(|w| w.until)
+            .fold(next_idle, Instant::min);
+        if at_cap {
+            // Nothing tells this loop when a connection's thread ends.
+            wake_at = wake_at.min(now + Duration::from_millis(10));
+        } else if !accepting {
+            wake_at = wake_at.min(accept_after);
+        }
+        let mut fds = Vec::with_capacity(FIRST_WAITING + waiting.len());
+        fds.push(readable(woken.as_raw_fd()));
+        // poll(2) skips a negative descriptor.
+        fds.push(readable(if accepting { unix.as_raw_fd() } else { -1 }));
+        fds.extend(waiting.iter().map(|w| readable(w.stream.as_raw_fd())));
+        if let Err(e) = poll(&mut fds, wake_at.saturating_duration_since(now)) {
+            log::warn!("poll failed: {e}");
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        let polled = Instant::now();
+        let mut served = false;
+        if fds[WAKE].revents != 0 {
+            let mut drain = [0u8; 64];
+            while matches!((&woken).read(&mut drain), Ok(n) if n > 0) {}
+        }
+        // Whole requests from connections' threads.
+        while let Ok(job) = inbox.try_recv() {
+            let bytes = respond(
+                handler,
+                &job.path,
+                job.body.as_deref().map_err(Clone::clone),
+                job.keep_alive,
+            );
+            let written = write_now(job.client, &bytes);
+            // If the thread is gone the answer is dropped, and its count with it.
+            let _ = job.reply.send(Answer {
+                bytes,
+                written,
+                unwritten: Unwritten::new(&counts),
+            });
+            served = true;
+        }
+        let mut kept = Vec::with_capacity(waiting.len());
+        for (conn, fd) in waiting.drain(..).zip(&fds[FIRST_WAITING..]) {
+            if fd.revents != 0 {
+                served = true;
+                kept.extend(on_readable(conn, &mut buffer, handler, &to_loop));
+            } else if conn.until > polled {
+                kept.push(conn);
             }
-            Ok(Event::ListenerFailed(e)) => return Err(ServerError::Accept(e)),
-            Err(mpsc::RecvTimeoutError::Timeout) => handler.idle(),
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(ServerError::Accept(io::Error::other("accept thread ended")))
+            // Else it stayed silent to its deadline: closed without an answer, as an idle
+            // keep-alive connection ends.
+        }
+        waiting = kept;
+        let listener_events = fds[LISTENER].revents;
+        if listener_events != 0 {
+            let accepted = accept_all(
+                &unix,
+                &counts,
+                cap,
+                &mut waiting,
+                &mut accept_after,
+                &mut exhausted,
+            )?;
+            let hung_up = listener_events & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0;
+            if accepted == 0 && hung_up {
+                // A listening socket that was shut down polls as hung up while a non-blocking
+                // accept keeps saying "try again" (a blocking one would fail with EINVAL).
+                let e = io::Error::other("the listening socket was shut down");
+                log::error!("accepting a connection failed: {e}");
+                return Err(ServerError::Accept(e));
             }
+        }
+        if served {
+            next_idle = Instant::now() + POLL;
+        } else if Instant::now() >= next_idle {
+            handler.idle();
+            next_idle = Instant::now() + POLL;
         }
     }
     log::info!("stopping on signal");
+    drop(waiting);
     // The answer in hand is written by its connection's thread: give it the time a write has.
     let deadline = Instant::now() + WRITE_TIMEOUT;
     while counts.unwritten.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(())
+}
+
+fn readable(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+/// poll(2) for at most `wait` (rounded up to whole milliseconds, at most [`POLL`]); a signal
+/// ends it early without an error.
+fn poll(fds: &mut [libc::pollfd], wait: Duration) -> io::Result<()> {
+    let millis = wait.min(POLL).as_micros().div_ceil(1000) as libc::c_int;
+    // SAFETY: poll(2) reads and writes exactly `fds.len()` pollfd structs of the slice.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) };
+    if ready >= 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::Interrupted {
+        fds.iter_mut().for_each(|fd| fd.revents = 0);
+        return Ok(());
+    }
+    Err(e)
+}
+
+/// Reads what a waiting connection sent. One whole request, alone, is answered at once, and
+/// the connection waits again (if it stays open); anything else goes to a thread of its own
+/// with the bytes read. None if the connection is done with or handed off.
+fn on_readable(
+    conn: Waiting,
+    buffer: &mut [u8],
+    handler: &mut impl Handler,
+    to_loop: &ToLoop,
+) -> Option<Waiting> {
+    let fd = conn.stream.as_raw_fd();
+    // SAFETY: recv(2) writes at most `buffer.len()` bytes into `buffer`, on the open socket
+    // `conn` owns.
+    let got = unsafe {
+        libc::recv(
+            fd,
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    let read = match got {
+        // The client closed the connection between requests.
+        0 => return None,
+        n if n > 0 => &buffer[..n as usize],
+        _ => {
+            let e = io::Error::last_os_error();
+            return matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            )
+            .then_some(conn);
+        }
+    };
+    let mut rest = read;
+    let whole = match http::read_head(&mut rest) {
+        Ok(head) if head.method == "POST" && !head.expects_continue => {
+            match http::read_body(&mut rest, &head, MAX_BODY_BYTES) {
+                Ok(body) if rest.is_empty() => Some((head, body)),
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    let Some((head, body)) = whole else {
+        let start = Handoff {
+            read: read.to_vec(),
+            unwritten: None,
+            until: conn.until,
+        };
+        hand_off(conn, start, to_loop);
+        return None;
+    };
+    let bytes = respond(handler, &head.path, Ok(&body), head.keep_alive);
+    match write_now(fd, &bytes) {
+        Ok(n) if n == bytes.len() => head.keep_alive.then(|| Waiting {
+            until: Instant::now() + REQUEST_TIMEOUT,
+            ..conn
+        }),
+        Ok(n) => {
+            let rest = bytes.get(n..).unwrap_or_default().to_vec();
+            let start = Handoff {
+                read: Vec::new(),
+                unwritten: Some((rest, head.keep_alive, Unwritten::new(&to_loop.counts))),
+                until: Instant::now() + REQUEST_TIMEOUT,
+            };
+            hand_off(conn, start, to_loop);
+            None
+        }
+        Err(e) => {
+            log::warn!("answering a request failed: {e}");
+            None
+        }
+    }
+}
+
+/// Gives `conn` a thread of its own, starting from `start`.
+fn hand_off(conn: Waiting, start: Handoff, to_loop: &ToLoop) {
+    let to_loop = to_loop.clone();
+    let spawned = std::thread::Builder::new()
+        .name("connection".into())
+        .stack_size(CONNECTION_STACK)
+        .spawn(move || {
+            let Waiting { stream, live, .. } = conn;
+            connection(&stream, start, &to_loop);
+            drop(live);
+        });
+    if let Err(e) = spawned {
+        // The closure, and with it the connection, its counts and any answer, is dropped.
+        log::warn!("cannot start a thread for a connection: {e}");
+    }
 }
 
 /// Sets the soft limit on open files to the hard one, since each connection holds one
@@ -467,71 +748,61 @@ fn accept_fault(e: &io::Error) -> AcceptFault {
     }
 }
 
-/// Accepts connections for as long as the listener works, at most `cap` at once (the rest wait
-/// in the listen backlog), and gives each a thread.
-fn accept_loop(
+/// Accepts the connections waiting in the backlog, up to `cap` at once (the rest wait there),
+/// into `waiting`, and says how many. Out of descriptors or memory, accepting pauses for
+/// [`BACKOFF`]; an error of the listening socket itself ends the server.
+fn accept_all(
     listener: &UnixListener,
-    events: &mpsc::Sender<Event>,
     counts: &Arc<Counts>,
     cap: usize,
-) {
-    let mut exhausted = false;
-    loop {
-        while counts.connections.load(Ordering::SeqCst) >= cap {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let stream = match listener.accept() {
-            Ok((stream, _)) => stream,
+    waiting: &mut Vec<Waiting>,
+    accept_after: &mut Instant,
+    exhausted: &mut bool,
+) -> Result<usize, ServerError> {
+    let mut accepted = 0;
+    while counts.connections.load(Ordering::SeqCst) < cap {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if *exhausted {
+                    log::info!("accepting connections again");
+                    *exhausted = false;
+                }
+                waiting.push(Waiting {
+                    stream,
+                    until: Instant::now() + REQUEST_TIMEOUT,
+                    live: Live::new(counts),
+                });
+                accepted += 1;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if accepted == 0 {
+                    // Readable with nothing to accept: never a hot loop on it.
+                    *accept_after = Instant::now() + Duration::from_millis(1);
+                }
+                return Ok(accepted);
+            }
             Err(e) => match accept_fault(&e) {
                 AcceptFault::Retry => {
                     // Never a hot loop, whatever error keeps coming.
-                    std::thread::sleep(Duration::from_millis(1));
-                    continue;
+                    *accept_after = Instant::now() + Duration::from_millis(1);
+                    return Ok(accepted);
                 }
                 AcceptFault::Exhausted => {
-                    if !exhausted {
+                    if !*exhausted {
                         log::warn!("accepting a connection failed: {e}; retrying");
                     }
-                    exhausted = true;
-                    std::thread::sleep(BACKOFF);
-                    continue;
+                    *exhausted = true;
+                    *accept_after = Instant::now() + BACKOFF;
+                    return Ok(accepted);
                 }
                 AcceptFault::Fatal => {
                     log::error!("accepting a connection failed: {e}");
-                    let _ = events.send(Event::ListenerFailed(e));
-                    return;
+                    return Err(ServerError::Accept(e));
                 }
             },
-        };
-        if exhausted {
-            log::info!("accepting connections again");
-            exhausted = false;
-        }
-        counts.connections.fetch_add(1, Ordering::SeqCst);
-        let guard = Live(Arc::clone(counts));
-        let events = events.clone();
-        let spawned = std::thread::Builder::new()
-            .name("connection".into())
-            .stack_size(CONNECTION_STACK)
-            .spawn(move || {
-                let live = guard;
-                connection(&stream, &events, &live.0);
-            });
-        if let Err(e) = spawned {
-            // The closure, and with it the connection and its count, is dropped.
-            log::warn!("cannot start a thread for a connection: {e}");
-            std::thread::sleep(BACKOFF);
         }
     }
-}
-
-/// Holds one count in `connections` while a connection lives.
-struct Live(Arc<Counts>);
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::SeqCst);
-    }
+    Ok(accepted)
 }
 
 /// A socket read that gives up at `until`, however the bytes trickle in.
@@ -556,31 +827,41 @@ impl Read for Deadlined<'_> {
 
 const PLAIN: &str = "text/plain; charset=utf-8";
 
-/// Serves one connection: each request must arrive in full within [`REQUEST_TIMEOUT`] of the
-/// connection being accepted or its previous answer written; the handler's loop gets it whole.
-fn connection(stream: &UnixStream, events: &mpsc::Sender<Event>, counts: &Counts) {
+/// Serves one connection the loop handed over: first the rest of an answer, if any, then each
+/// request, which must arrive in full by its deadline ([`REQUEST_TIMEOUT`] after the
+/// connection was accepted or its previous answer written); the loop gets it whole.
+fn connection(stream: &UnixStream, start: Handoff, to_loop: &ToLoop) {
     if let Err(e) = stream.set_write_timeout(Some(WRITE_TIMEOUT)) {
         log::warn!("cannot set a write timeout on a connection: {e}");
         return;
     }
-    let mut reader = BufReader::new(Deadlined {
-        stream,
-        until: Instant::now() + REQUEST_TIMEOUT,
-    });
-    let send = |bytes: Vec<u8>| {
+    let send = |bytes: &[u8]| {
         let mut w = stream;
-        w.write_all(&bytes).and_then(|()| w.flush())
+        w.write_all(bytes).and_then(|()| w.flush())
     };
+    let mut until = start.until;
+    if let Some((rest, keep_alive, count)) = start.unwritten {
+        let written = send(&rest);
+        drop(count);
+        if let Err(e) = written {
+            log::warn!("answering a request failed: {e}");
+            return;
+        }
+        if !keep_alive {
+            return;
+        }
+        until = Instant::now() + REQUEST_TIMEOUT;
+    }
+    let mut reader = BufReader::new(io::Cursor::new(start.read).chain(Deadlined { stream, until }));
     let refuse = |status: u16, why: &str, head_only: bool, extra: &[(&str, &str)]| {
         log::warn!("refused a request: {why}");
-        let _ = send(http::answer(status, PLAIN, why, true, head_only, extra));
+        let _ = send(&http::answer(status, PLAIN, why, true, head_only, extra));
     };
     let timed_out = format!(
         "request not received within {} s",
         REQUEST_TIMEOUT.as_secs()
     );
     loop {
-        reader.get_mut().until = Instant::now() + REQUEST_TIMEOUT;
         let head = match http::read_head(&mut reader) {
             Ok(head) => head,
             Err(HeadError::Idle | HeadError::Closed) => return,
@@ -618,19 +899,19 @@ fn connection(stream: &UnixStream, events: &mpsc::Sender<Event>, counts: &Counts
             client: stream.as_raw_fd(),
             reply,
         };
-        if events.send(Event::Request(job)).is_err() {
+        if !to_loop.send(job) {
             return;
         }
-        // The handler answers every request it takes; an error means it stopped first.
+        // The loop answers every request it takes; an error means it stopped first.
         let Ok(answer) = answer.recv() else { return };
-        // What the handler's loop could not write at once.
+        // What the loop could not write at once.
         let written = answer
             .written
             .and_then(|done| match answer.bytes.get(done..) {
-                Some(rest) if !rest.is_empty() => send(rest.to_vec()),
+                Some(rest) if !rest.is_empty() => send(rest),
                 _ => Ok(()),
             });
-        counts.unwritten.fetch_sub(1, Ordering::SeqCst);
+        drop(answer.unwritten);
         if let Err(e) = written {
             log::warn!("answering a request failed: {e}");
             return;
@@ -638,6 +919,7 @@ fn connection(stream: &UnixStream, events: &mpsc::Sender<Event>, counts: &Counts
         if !keep_alive {
             return;
         }
+        reader.get_mut().get_mut().1.until = Instant::now() + REQUEST_TIMEOUT;
     }
 }
 

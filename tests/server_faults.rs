@@ -93,6 +93,13 @@ fn raises_the_soft_open_files_limit_to_the_hard_one() {
     let mut prlimit = Command::new("prlimit");
     prlimit.args(["--nofile=64:4096", BIN]);
     let server = Server::start_with(prlimit, &etcd.url, "/unused", &sock, &sock);
+    // The socket answers as soon as it is bound; the loop raises the limit just after.
+    let started = Instant::now();
+    while open_files_limit(server.child.id()) != "4096 4096"
+        && started.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(open_files_limit(server.child.id()), "4096 4096");
 }
 
@@ -439,6 +446,121 @@ fn sixteen_keep_alive_connections_at_once_are_all_answered() {
         assert_eq!(answered.len(), 16, "an address was given twice");
         drop(server);
     }
+}
+
+/// Reads `n` answers off `s`, in order: each one's body.
+fn read_answers(s: &mut UnixStream, n: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    let mut bodies = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    while bodies.len() < n {
+        // Every answer has a Content-Length (the server never chunks).
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("a Content-Length");
+            if got.len() >= end + 4 + length {
+                assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+                bodies.push(text[end + 4..end + 4 + length].to_string());
+                got.drain(..end + 4 + length);
+                continue;
+            }
+        }
+        let read = s.read(&mut chunk).expect("an answer");
+        assert!(read > 0, "closed after {} answers", bodies.len());
+        got.extend_from_slice(&chunk[..read]);
+    }
+    assert!(got.is_empty(), "more than asked for");
+    bodies
+}
+
+#[test]
+fn requests_whole_split_or_back_to_back_are_answered_in_order() {
+    let etcd = Etcd::shared();
+    let dir = TempDir::new("framing");
+    let sock = dir.join("s.sock");
+    let _server = Server::start(&etcd.url, "/unused", &sock);
+    let activate = b"POST /Plugin.Activate HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n";
+    let capabilities = b"POST /IpamDriver.GetCapabilities HTTP/1.1\r\nHost: x\r\n\
+        Content-Length: 2\r\n\r\n{}";
+    let is_activate = |b: &String| b.contains("IpamDriver");
+    let is_capabilities = |b: &String| b.contains("RequiresMACAddress");
+    let mut s = UnixStream::connect(&sock).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // Whole, one at a time: the loop answers them itself.
+    for _ in 0..3 {
+        s.write_all(activate).expect("send");
+        assert!(is_activate(&read_answers(&mut s, 1)[0]));
+    }
+    // Split in the head, then in the body: the connection's thread puts each together.
+    for cut in [20, capabilities.len() - 1] {
+        s.write_all(&capabilities[..cut]).expect("send");
+        std::thread::sleep(Duration::from_millis(100));
+        s.write_all(&capabilities[cut..]).expect("send");
+        assert!(is_capabilities(&read_answers(&mut s, 1)[0]));
+    }
+    // Back to back in one write, on that connection and on a fresh one.
+    let pair: Vec<u8> = [&activate[..], &capabilities[..], &activate[..]].concat();
+    let mut fresh = UnixStream::connect(&sock).expect("connect");
+    fresh
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    for conn in [&mut s, &mut fresh] {
+        conn.write_all(&pair).expect("send");
+        let bodies = read_answers(conn, 3);
+        assert!(is_activate(&bodies[0]), "{bodies:?}");
+        assert!(is_capabilities(&bodies[1]), "{bodies:?}");
+        assert!(is_activate(&bodies[2]), "{bodies:?}");
+    }
+}
+
+#[test]
+fn a_client_that_stops_reading_its_answers_delays_no_one_and_loses_none() {
+    let etcd = Etcd::shared();
+    let dir = TempDir::new("unread");
+    let sock = dir.join("s.sock");
+    let _server = Server::start(&etcd.url, "/unused", &sock);
+    let request = b"POST /IpamDriver.GetCapabilities HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}";
+    // More answers than the socket's buffers hold, asked one write at a time, unread.
+    const ASKED: usize = 4000;
+    let mut greedy = UnixStream::connect(&sock).expect("connect");
+    greedy
+        .set_write_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    let mut sent = 0;
+    while sent < ASKED && greedy.write_all(request).is_ok() {
+        sent += 1;
+    }
+    eprintln!("sent {sent} requests without reading an answer");
+    // The writes stopped because the server stopped reading: its answers filled the socket.
+    assert!(
+        (100..ASKED).contains(&sent),
+        "{sent} requests went out: the answers never filled the socket"
+    );
+    // Meanwhile another client is answered at once.
+    let started = Instant::now();
+    let mut other = UnixStream::connect(&sock).expect("connect");
+    other
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    other.write_all(request).expect("send");
+    let body = read_answers(&mut other, 1).remove(0);
+    assert!(body.contains("RequiresMACAddress"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // Reading now, within the server's write timeout, brings every answer.
+    greedy
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let bodies = read_answers(&mut greedy, sent);
+    assert!(bodies.iter().all(|b| b.contains("RequiresMACAddress")));
 }
 
 #[test]
