@@ -626,6 +626,7 @@ fn on_readable(
         _ => None,
     };
     let Some((head, body)) = whole else {
+        log::debug!("a request did not come whole and alone: its connection gets a thread");
         let start = Handoff {
             read: read.to_vec(),
             unwritten: None,
@@ -641,6 +642,7 @@ fn on_readable(
             ..conn
         }),
         Ok(n) => {
+            log::debug!("an answer was not taken at once: its connection gets a thread");
             let rest = bytes.get(n..).unwrap_or_default().to_vec();
             let start = Handoff {
                 read: Vec::new(),

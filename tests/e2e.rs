@@ -613,6 +613,13 @@ fn one_host_allocates_from_etcd_and_gives_addresses_back() {
     host.docker_ok(&["rm", "-f", "c2", "c3"]);
     host.docker_ok(&["network", "rm", "mynet"]);
     assert_eq!(pool_keys(etcd, &p, "192.0.2.0"), pool_before);
+
+    // dockerd sends each call whole, so the plugin's one thread read them all: no connection
+    // needed a thread of its own (the plugin logs each one that does, with --debug).
+    let log = std::fs::read_to_string(host.dir.join("plugin.log")).unwrap();
+    let calls = log.matches("RequestAddress ").count();
+    assert!(calls >= 3, "{calls} RequestAddress calls logged:\n{log}");
+    assert!(!log.contains("gets a thread"), "{log}");
 }
 
 #[test]
