@@ -695,9 +695,13 @@ impl PluginClient {
              Accept: application/vnd.docker.plugins.v1.2+json\r\nAccept-Encoding: gzip\r\n\r\n",
             body.len()
         );
-        let stream = self.reader.get_mut();
-        stream.write_all(head.as_bytes()).expect("send head");
-        stream.write_all(body).expect("send body");
+        // One write, as Go's client (dockerd's) sends a small request: the plugin answers
+        // such a request on its loop's thread. tests/server_faults.rs sends requests in pieces.
+        let request = [head.as_bytes(), body].concat();
+        self.reader
+            .get_mut()
+            .write_all(&request)
+            .expect("send request");
         self.read_reply()
     }
 
