@@ -486,6 +486,8 @@ struct Latency {
     release: Timings,
     requests_per_alloc: f64,
     requests_per_release: f64,
+    /// Plugin.Activate round trips: the socket and HTTP alone, no etcd.
+    socket: Vec<Duration>,
 }
 
 /// RequestAddress and ReleaseAddress through the plugin on `prefix`'s pool, the allocator
@@ -549,11 +551,19 @@ fn latency(
     }
     let after = etcd_requests(&etcd.url);
     let n = PER_ROUND as f64;
+    let socket = (0..ROUNDS * PER_ROUND)
+        .map(|_| {
+            let (took, answer) = timed(|| c.call("/Plugin.Activate", ""));
+            assert_eq!(answer.status, 200, "{}", answer.body);
+            took
+        })
+        .collect();
     Latency {
         request,
         release,
         requests_per_alloc: (middle - before) as f64 / n,
         requests_per_release: (after - middle) as f64 / n,
+        socket,
     }
 }
 
@@ -945,6 +955,14 @@ fn latency_rows(rows: &mut Vec<Row>, pool: &Pool, l: Latency) {
         )
         .goal("1.00", l.requests_per_release < 1.005),
     );
+    let (p50, p99) = percentiles(l.socket);
+    rows.push(row(
+        format!(
+            "Plugin.Activate p50 / p99 (the socket and HTTP, no etcd), {} pool's plugin",
+            pool.label
+        ),
+        format!("{p50:.3} / {p99:.3} ms"),
+    ));
     rows.push(row(
         format!("etcd requests per allocation, {} pool", pool.label),
         format!("{:.2}", l.requests_per_alloc),
