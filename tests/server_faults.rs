@@ -893,3 +893,124 @@ fn twenty_thousand_fuzzed_requests_change_nothing_and_crash_nothing() {
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// Freezes etcd; thaws it when dropped, so that a failing test never leaves it stopped.
+struct Frozen<'a>(&'a Etcd);
+
+impl<'a> Frozen<'a> {
+    fn new(etcd: &'a Etcd) -> Frozen<'a> {
+        etcd.signal("STOP");
+        Frozen(etcd)
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        self.0.signal("CONT");
+    }
+}
+
+/// A server on `etcd` whose etcd requests may take 8 s (store_args' 2 s would give up before
+/// a client's deadline passes).
+fn patient_server(etcd: &Etcd, prefix: &str, sock: &Path) -> Server {
+    let child = Command::new(BIN)
+        .args(["--cluster-store", &etcd.url, "--store-prefix", prefix])
+        .args(["--timeout", "8", "server", "--socket"])
+        .arg(sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the server");
+    let server = Server {
+        child,
+        socket: sock.to_path_buf(),
+    };
+    common::wait_for_socket(sock);
+    server
+}
+
+/// Sends the head of a request that expects `100 Continue`, sends the body as soon as that
+/// comes, and reads until the server closes (or 20 s pass): when the interim answer came,
+/// and what came back in all.
+fn expect_continue(mut s: UnixStream, started: Instant) -> (Duration, Raw) {
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(
+        b"POST /IpamDriver.GetCapabilities HTTP/1.1\r\nHost: \r\n\
+          Expect: 100-continue\r\nContent-Length: 2\r\nConnection: close\r\n\r\n",
+    )
+    .expect("send the head");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut chunk) {
+            Ok(n) if n > 0 => got.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    let interim = started.elapsed();
+    if got.starts_with(b"HTTP/1.1 100 Continue\r\n\r\n") {
+        let _ = s.write_all(b"{}");
+        let _ = s.read_to_end(&mut got);
+    }
+    (interim, raw(&got, started.elapsed()))
+}
+
+/// A client that delivers its whole request within the deadline is answered, however long
+/// the handler was busy with others meanwhile: also when the request is too big for one read
+/// or waits for `100 Continue`, which the loop leaves to the connection's thread.
+#[test]
+fn a_request_delivered_in_time_is_answered_after_a_busy_handler() {
+    let etcd = Etcd::start("busyhandler");
+    let p = unique_prefix("busyhandler");
+    ip_range(&etcd.url, &p, "192.0.2.1/24", "192.0.2.20/24");
+    let dir = TempDir::new("busyhandler");
+    let sock = dir.join("s.sock");
+    let mut server = patient_server(&etcd, &p, &sock);
+    let started = Instant::now();
+    // Accepted now: each has the deadline from here to deliver its request.
+    let mut big = UnixStream::connect(&sock).expect("connect");
+    big.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let waits_for_continue = UnixStream::connect(&sock).expect("connect");
+    let mut busy = PluginClient::connect(&sock);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // etcd stalls, and with it the handler, on one allocation, for longer than the deadline.
+    let frozen = Frozen::new(&etcd);
+    let allocation = std::thread::spawn(move || {
+        busy.call(
+            "/IpamDriver.RequestAddress",
+            &container_request("192.0.2.0", "", "02:42:00:00:07:01"),
+        )
+        .status
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // Meanwhile, well within their deadline, one client sends a whole request of 100 kB (the
+    // server takes bodies up to 1 MiB), and one sends a head that expects 100 Continue.
+    let body = format!("{{}}{}", " ".repeat(100_000));
+    let request = format!(
+        "POST /IpamDriver.GetCapabilities HTTP/1.1\r\nHost: \r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    big.write_all(request.as_bytes())
+        .expect("send the big request");
+    let continued = std::thread::spawn(move || expect_continue(waits_for_continue, started));
+    std::thread::sleep((started + DEADLINE + Duration::from_millis(1500)) - Instant::now());
+    drop(frozen);
+
+    assert_eq!(allocation.join().expect("allocation"), 200);
+    let mut got = Vec::new();
+    let _ = big.read_to_end(&mut got);
+    let big = raw(&got, started.elapsed());
+    let (interim, continued) = continued.join().expect("100-continue client");
+    eprintln!(
+        "big request: {} after {:?}; 100 Continue after {interim:?}, then {}",
+        big.status, big.took, continued.status
+    );
+    assert_eq!(big.status, 200, "big request: {}", big.text);
+    assert_eq!(continued.status, 200, "100-continue: {}", continued.text);
+    assert_eq!(server.signal_and_wait("TERM").code(), Some(0));
+}
