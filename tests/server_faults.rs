@@ -1014,3 +1014,87 @@ fn a_request_delivered_in_time_is_answered_after_a_busy_handler() {
     assert_eq!(continued.status, 200, "100-continue: {}", continued.text);
     assert_eq!(server.signal_and_wait("TERM").code(), Some(0));
 }
+
+/// A TCP proxy on loopback to `target` that holds each chunk etcd sends back for `delay`: an
+/// etcd that answers, slowly. Its threads end with the test process.
+fn slow_proxy(target: &str, delay: Duration) -> String {
+    use std::net::{TcpListener, TcpStream};
+    let target = target.trim_start_matches("http://").to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(etcd) = TcpStream::connect(&target) else {
+                continue;
+            };
+            let pipe = move |mut from: TcpStream, mut to: TcpStream, delay: Duration| {
+                let mut chunk = [0u8; 64 * 1024];
+                while let Ok(n) = from.read(&mut chunk) {
+                    std::thread::sleep(delay);
+                    if n == 0 || to.write_all(&chunk[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = to.shutdown(Shutdown::Both);
+            };
+            let (c, e) = (
+                client.try_clone().expect("clone"),
+                etcd.try_clone().expect("clone"),
+            );
+            std::thread::spawn(move || pipe(c, e, Duration::ZERO));
+            std::thread::spawn(move || pipe(etcd, client, delay));
+        }
+    });
+    url
+}
+
+/// SIGTERM ends the server after the request in hand, not after every request that was
+/// waiting: with a slow etcd, answering them all first takes as many times as long.
+#[test]
+fn sigterm_does_not_wait_for_every_queued_request() {
+    let etcd = Etcd::shared();
+    let p = unique_prefix("termqueue");
+    ip_range(&etcd.url, &p, "192.0.2.1/24", "192.0.2.100/24");
+    let slow = slow_proxy(&etcd.url, Duration::from_millis(400));
+    let dir = TempDir::new("termqueue");
+    let sock = dir.join("s.sock");
+    let mut server = Server::start(&slow, &p, &sock);
+    // The first allocation also connects to etcd; the second takes what each one takes.
+    allocate(&sock, "02:42:00:00:08:00");
+    let one = Instant::now();
+    allocate(&sock, "02:42:00:00:08:01");
+    let one = one.elapsed();
+    // Twenty clients, each with a whole request waiting, as dockerd's would be.
+    let clients: Vec<UnixStream> = (2..22)
+        .map(|i| {
+            let mut s = UnixStream::connect(&sock).expect("connect");
+            let body = container_request("192.0.2.0", "", &format!("02:42:00:00:08:{i:02x}"));
+            let request = format!(
+                "POST /IpamDriver.RequestAddress HTTP/1.1\r\nHost: \r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(request.as_bytes()).expect("send");
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status();
+    let status = loop {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = started.elapsed();
+    eprintln!("one allocation took {one:?}; exited {took:?} after SIGTERM");
+    drop(clients);
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        took < 3 * one,
+        "SIGTERM took {took:?}: one request takes {one:?}"
+    );
+}
