@@ -388,10 +388,14 @@ impl ToLoop {
         if self.jobs.send(job).is_err() {
             return false;
         }
-        // A full wake socket already has the loop woken; any other failure leaves the job to
-        // the loop's next round, at most POLL away.
-        let _ = (&*self.wake).write(&[1]);
+        self.wake();
         true
+    }
+
+    fn wake(&self) {
+        // A full wake socket already has the loop woken; any other failure leaves the loop to
+        // its next round, at most POLL away.
+        let _ = (&*self.wake).write(&[1]);
     }
 }
 
@@ -462,18 +466,21 @@ pub fn serve(
     let mut accept_after = Instant::now();
     let mut exhausted = false;
     let mut next_idle = Instant::now() + POLL;
-    while !stop.load(Ordering::Relaxed) {
+    let mut last_polled = Instant::now();
+    let stopping = || stop.load(Ordering::Relaxed);
+    while !stopping() {
         let now = Instant::now();
+        // How long the last round kept this loop from polling: a request that is readable now
+        // may have come at its start, and its client is not charged for the wait.
+        let late = now.saturating_duration_since(last_polled);
+        // A connection's thread wakes the loop when it ends, freeing a place under the cap.
         let at_cap = counts.connections.load(Ordering::SeqCst) >= cap;
         let accepting = !at_cap && now >= accept_after;
         let mut wake_at = waiting
             .iter()
             .map(|w| w.until)
             .fold(next_idle, Instant::min);
-        if at_cap {
-            // Nothing tells this loop when a connection's thread ends.
-            wake_at = wake_at.min(now + Duration::from_millis(10));
-        } else if !accepting {
+        if !at_cap && !accepting {
             wake_at = wake_at.min(accept_after);
         }
         let mut fds = Vec::with_capacity(FIRST_WAITING + waiting.len());
@@ -487,13 +494,16 @@ pub fn serve(
             continue;
         }
         let polled = Instant::now();
+        last_polled = polled;
         let mut served = false;
         if fds[WAKE].revents != 0 {
             let mut drain = [0u8; 64];
             while matches!((&woken).read(&mut drain), Ok(n) if n > 0) {}
         }
-        // Whole requests from connections' threads.
-        while let Ok(job) = inbox.try_recv() {
+        // Whole requests from connections' threads. After SIGTERM, only the request in hand
+        // is answered: the others' connections close unanswered.
+        while !stopping() {
+            let Ok(job) = inbox.try_recv() else { break };
             let bytes = respond(
                 handler,
                 &job.path,
@@ -511,10 +521,10 @@ pub fn serve(
         }
         let mut kept = Vec::with_capacity(waiting.len());
         for (conn, fd) in waiting.drain(..).zip(&fds[FIRST_WAITING..]) {
-            if fd.revents != 0 {
+            if fd.revents != 0 && !stopping() {
                 served = true;
-                kept.extend(on_readable(conn, &mut buffer, handler, &to_loop));
-            } else if conn.until > polled {
+                kept.extend(on_readable(conn, late, &mut buffer, handler, &to_loop));
+            } else if fd.revents != 0 || conn.until > polled {
                 kept.push(conn);
             }
             // Else it stayed silent to its deadline: closed without an answer, as an idle
@@ -584,9 +594,11 @@ fn poll(fds: &mut [libc::pollfd], wait: Duration) -> io::Result<()> {
 
 /// Reads what a waiting connection sent. One whole request, alone, is answered at once, and
 /// the connection waits again (if it stays open); anything else goes to a thread of its own
-/// with the bytes read. None if the connection is done with or handed off.
+/// with the bytes read, and its deadline moved on by `late`, the time the loop did not poll
+/// before it saw them. None if the connection is done with or handed off.
 fn on_readable(
     conn: Waiting,
+    late: Duration,
     buffer: &mut [u8],
     handler: &mut impl Handler,
     to_loop: &ToLoop,
@@ -630,7 +642,7 @@ fn on_readable(
         let start = Handoff {
             read: read.to_vec(),
             unwritten: None,
-            until: conn.until,
+            until: conn.until + late,
         };
         hand_off(conn, start, to_loop);
         return None;
@@ -668,7 +680,8 @@ fn hand_off(conn: Waiting, start: Handoff, to_loop: &ToLoop) {
         .spawn(move || {
             let Waiting { stream, live, .. } = conn;
             connection(&stream, start, &to_loop);
-            drop(live);
+            drop((stream, live));
+            to_loop.wake();
         });
     if let Err(e) = spawned {
         // The closure, and with it the connection, its counts and any answer, is dropped.
