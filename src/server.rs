@@ -2,8 +2,9 @@
 //! activation, until SIGTERM or SIGINT. One thread polls the listener and the connections
 //! waiting between requests, and runs the handler, one whole request at a time: a request that
 //! arrives whole is answered there and then. A connection whose request comes in pieces, or
-//! that does not take its answer at once, gets a thread of its own that reads it under a
-//! deadline (or writes the rest of the answer), so that the handler never waits on a client.
+//! that does not take its answer at once, gets a thread of its own for the rest of its life,
+//! which reads under a deadline (and writes what the client did not take at once), so that
+//! the handler never waits on a client.
 //! Knows nothing of what the requests mean.
 //!
 //! tiny_http's `Server` is not used: its accept thread ends on the first accept error (EMFILE),
@@ -26,8 +27,9 @@ use crate::http::{self, BodyFault, HeadError};
 pub const MAX_BODY_BYTES: u64 = 1024 * 1024;
 
 /// A connection must deliver each request in full within this time of being accepted or of
-/// its previous answer; then it is cut off (408 if it had begun). Also the limit on writing
-/// an answer.
+/// its previous answer (time the loop spent on other requests before it looked is not
+/// counted); then it is cut off (408 if it had begun). Also the limit on each write of an
+/// answer to a client that does not read it.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = REQUEST_TIMEOUT;
 
@@ -58,8 +60,8 @@ pub enum ServerError {
     Socket { path: PathBuf, error: io::Error },
     /// The signal handlers could not be installed.
     Signals(io::Error),
-    /// The listening socket failed (or the accept thread could not start): exiting lets the
-    /// service manager start a new server on the socket.
+    /// The listening socket failed (or the loop's wake socket could not be made): exiting
+    /// lets the service manager start a new server on the socket.
     Accept(io::Error),
     /// `LISTEN_FDS` names fd 3, but fd 3 is not a listening Unix stream socket.
     NotInherited(String),
@@ -383,7 +385,7 @@ struct ToLoop {
 }
 
 impl ToLoop {
-    /// False if the loop has stopped.
+    /// False once `serve` has returned.
     fn send(&self, job: Job) -> bool {
         if self.jobs.send(job).is_err() {
             return false;
@@ -407,15 +409,18 @@ struct Waiting {
     live: Live,
 }
 
-/// Where a connection's thread starts when the loop hands it a connection.
-struct Handoff {
-    /// Bytes the loop read from the client: the start of the requests it left to the thread.
-    read: Vec<u8>,
+/// Where a connection's thread starts when the loop hands it a connection, which it then
+/// keeps until the connection ends.
+enum Handoff {
+    /// The start of the requests the loop left to the thread, and their deadline.
+    Read { bytes: Vec<u8>, until: Instant },
     /// The rest of an answer the client's socket did not take at once, and whether the
     /// connection stays open after it.
-    unwritten: Option<(Vec<u8>, bool, Unwritten)>,
-    /// The deadline of the request in `read`.
-    until: Instant,
+    Write {
+        rest: Vec<u8>,
+        keep_alive: bool,
+        count: Unwritten,
+    },
 }
 
 /// Bytes read from a waiting client at once: a request of Docker's fits many times over.
@@ -467,12 +472,10 @@ pub fn serve(
     let mut exhausted = false;
     let mut next_idle = Instant::now() + POLL;
     let mut last_polled = Instant::now();
+    let mut poll_failing = false;
     let stopping = || stop.load(Ordering::Relaxed);
     while !stopping() {
         let now = Instant::now();
-        // How long the last round kept this loop from polling: a request that is readable now
-        // may have come at its start, and its client is not charged for the wait.
-        let late = now.saturating_duration_since(last_polled);
         // A connection's thread wakes the loop when it ends, freeing a place under the cap.
         let at_cap = counts.connections.load(Ordering::SeqCst) >= cap;
         let accepting = !at_cap && now >= accept_after;
@@ -489,10 +492,17 @@ pub fn serve(
         fds.push(readable(if accepting { unix.as_raw_fd() } else { -1 }));
         fds.extend(waiting.iter().map(|w| readable(w.stream.as_raw_fd())));
         if let Err(e) = poll(&mut fds, wake_at.saturating_duration_since(now)) {
-            log::warn!("poll failed: {e}");
-            std::thread::sleep(Duration::from_millis(1));
+            if !poll_failing {
+                log::warn!("poll failed: {e}; retrying");
+            }
+            poll_failing = true;
+            std::thread::sleep(BACKOFF);
             continue;
         }
+        poll_failing = false;
+        // What is readable now came after the loop last polled: at worst just after, and then
+        // its client is not charged for the time the loop spent on others since.
+        let since = last_polled;
         let polled = Instant::now();
         last_polled = polled;
         let mut served = false;
@@ -523,6 +533,7 @@ pub fn serve(
         for (conn, fd) in waiting.drain(..).zip(&fds[FIRST_WAITING..]) {
             if fd.revents != 0 && !stopping() {
                 served = true;
+                let late = Instant::now().saturating_duration_since(since);
                 kept.extend(on_readable(conn, late, &mut buffer, handler, &to_loop));
             } else if fd.revents != 0 || conn.until > polled {
                 kept.push(conn);
@@ -532,7 +543,9 @@ pub fn serve(
         }
         waiting = kept;
         let listener_events = fds[LISTENER].revents;
-        if listener_events != 0 {
+        // After SIGTERM, connections are left in the backlog: under systemd's socket unit the
+        // next server takes them.
+        if listener_events != 0 && !stopping() {
             let accepted = accept_all(
                 &unix,
                 &counts,
@@ -552,7 +565,7 @@ pub fn serve(
         }
         if served {
             next_idle = Instant::now() + POLL;
-        } else if Instant::now() >= next_idle {
+        } else if Instant::now() >= next_idle && !stopping() {
             handler.idle();
             next_idle = Instant::now() + POLL;
         }
@@ -594,8 +607,8 @@ fn poll(fds: &mut [libc::pollfd], wait: Duration) -> io::Result<()> {
 
 /// Reads what a waiting connection sent. One whole request, alone, is answered at once, and
 /// the connection waits again (if it stays open); anything else goes to a thread of its own
-/// with the bytes read, and its deadline moved on by `late`, the time the loop did not poll
-/// before it saw them. None if the connection is done with or handed off.
+/// with the bytes read, and its deadline moved on by `late`, the time since the loop last
+/// polled. None if the connection is done with or handed off.
 fn on_readable(
     conn: Waiting,
     late: Duration,
@@ -639,9 +652,8 @@ fn on_readable(
     };
     let Some((head, body)) = whole else {
         log::debug!("a request did not come whole and alone: its connection gets a thread");
-        let start = Handoff {
-            read: read.to_vec(),
-            unwritten: None,
+        let start = Handoff::Read {
+            bytes: read.to_vec(),
             until: conn.until + late,
         };
         hand_off(conn, start, to_loop);
@@ -656,10 +668,10 @@ fn on_readable(
         Ok(n) => {
             log::debug!("an answer was not taken at once: its connection gets a thread");
             let rest = bytes.get(n..).unwrap_or_default().to_vec();
-            let start = Handoff {
-                read: Vec::new(),
-                unwritten: Some((rest, head.keep_alive, Unwritten::new(&to_loop.counts))),
-                until: Instant::now() + REQUEST_TIMEOUT,
+            let start = Handoff::Write {
+                rest,
+                keep_alive: head.keep_alive,
+                count: Unwritten::new(&to_loop.counts),
             };
             hand_off(conn, start, to_loop);
             None
@@ -854,20 +866,26 @@ fn connection(stream: &UnixStream, start: Handoff, to_loop: &ToLoop) {
         let mut w = stream;
         w.write_all(bytes).and_then(|()| w.flush())
     };
-    let mut until = start.until;
-    if let Some((rest, keep_alive, count)) = start.unwritten {
-        let written = send(&rest);
-        drop(count);
-        if let Err(e) = written {
-            log::warn!("answering a request failed: {e}");
-            return;
+    let (read, until) = match start {
+        Handoff::Read { bytes, until } => (bytes, until),
+        Handoff::Write {
+            rest,
+            keep_alive,
+            count,
+        } => {
+            let written = send(&rest);
+            drop(count);
+            if let Err(e) = written {
+                log::warn!("answering a request failed: {e}");
+                return;
+            }
+            if !keep_alive {
+                return;
+            }
+            (Vec::new(), Instant::now() + REQUEST_TIMEOUT)
         }
-        if !keep_alive {
-            return;
-        }
-        until = Instant::now() + REQUEST_TIMEOUT;
-    }
-    let mut reader = BufReader::new(io::Cursor::new(start.read).chain(Deadlined { stream, until }));
+    };
+    let mut reader = BufReader::new(io::Cursor::new(read).chain(Deadlined { stream, until }));
     let refuse = |status: u16, why: &str, head_only: bool, extra: &[(&str, &str)]| {
         log::warn!("refused a request: {why}");
         let _ = send(&http::answer(status, PLAIN, why, true, head_only, extra));
