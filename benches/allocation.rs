@@ -24,7 +24,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{cli, ok, unique_prefix, Etcd, Pki, TempDir, BIN};
+use common::{cli, ok, unique_prefix, Etcd, Pki, PluginClient, TempDir, BIN};
 use oam_docker_ipam::alloc::{self, Allocator, Released};
 use oam_docker_ipam::auth::{Credentials, Secret};
 use oam_docker_ipam::etcd::{Client, Security};
@@ -33,7 +33,6 @@ use oam_docker_ipam::kv::{Compare, Op, Range, Txn, MAX_TXN_OPS};
 use oam_docker_ipam::layout::{ContainerConfig, Layout, Owner, PoolKeys, Role};
 use oam_docker_ipam::tls::{self, TlsFiles};
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -146,8 +145,8 @@ impl Plugin {
     }
 
     /// A client that has asked for `pool` as dockerd does before any address.
-    fn client(&self, pool: &Pool) -> DockerClient {
-        let mut c = DockerClient::connect(&self.socket);
+    fn client(&self, pool: &Pool) -> PluginClient {
+        let mut c = PluginClient::connect(&self.socket);
         let body = format!(r#"{{"Pool":"{}"}}"#, pool.net);
         let r = c.call("/IpamDriver.RequestPool", &body);
         assert_eq!(r.status, 200, "{}", r.body);
@@ -182,70 +181,6 @@ impl Drop for Plugin {
     }
 }
 
-/// A keep-alive connection to the plugin that sends each request as dockerd's Go client does:
-/// head and body in one write (tests/common's client writes them apart, which can cost the
-/// server a second wake-up per request).
-struct DockerClient {
-    reader: BufReader<UnixStream>,
-}
-
-struct Answer {
-    status: u16,
-    body: String,
-}
-
-impl DockerClient {
-    fn connect(socket: &Path) -> DockerClient {
-        let stream = UnixStream::connect(socket).expect("connect to the plugin");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
-        DockerClient {
-            reader: BufReader::new(stream),
-        }
-    }
-
-    fn call(&mut self, path: &str, body: &str) -> Answer {
-        let request = format!(
-            "POST {path} HTTP/1.1\r\nHost: \r\nUser-Agent: Go-http-client/1.1\r\n\
-             Content-Length: {}\r\nAccept: application/vnd.docker.plugins.v1.2+json\r\n\
-             Accept-Encoding: gzip\r\n\r\n{body}",
-            body.len()
-        );
-        self.reader
-            .get_mut()
-            .write_all(request.as_bytes())
-            .expect("send the request");
-        let mut line = String::new();
-        self.reader.read_line(&mut line).expect("status line");
-        let status = line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("bad status line {line:?}"));
-        let mut length = 0;
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line).expect("header");
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value.trim().parse().expect("length");
-                }
-            }
-        }
-        let mut body = vec![0; length];
-        self.reader.read_exact(&mut body).expect("body");
-        Answer {
-            status,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        }
-    }
-}
-
 /// A fresh MAC for each container the benchmark asks an address for.
 fn next_mac() -> String {
     static N: AtomicUsize = AtomicUsize::new(1);
@@ -259,7 +194,7 @@ fn next_mac() -> String {
 }
 
 /// Asks for a random address for a new container; the address and the container's MAC.
-fn request_address(c: &mut DockerClient, pool: &Pool) -> (String, String) {
+fn request_address(c: &mut PluginClient, pool: &Pool) -> (String, String) {
     let mac = next_mac();
     let body = format!(
         r#"{{"PoolID":"{}","Address":"","Options":{{"com.docker.network.endpoint.macaddress":"{mac}"}}}}"#,
@@ -274,7 +209,7 @@ fn request_address(c: &mut DockerClient, pool: &Pool) -> (String, String) {
     (a.split('/').next().unwrap_or_default().to_string(), mac)
 }
 
-fn release_address(c: &mut DockerClient, pool: &Pool, addr: &str) {
+fn release_address(c: &mut PluginClient, pool: &Pool, addr: &str) {
     let body = format!(
         r#"{{"PoolID":"{}","Address":"{addr}"}}"#,
         pool.net.network()
@@ -629,7 +564,7 @@ fn throughput(
     let plugins: Vec<Plugin> = (0..PROCESSES)
         .map(|i| Plugin::start(&etcd.url, prefix, &dir.join(&format!("host{i}.sock"))))
         .collect();
-    let mut clients: Vec<DockerClient> = plugins.iter().map(|p| p.client(pool)).collect();
+    let mut clients: Vec<PluginClient> = plugins.iter().map(|p| p.client(pool)).collect();
     // Each connection's first call, not timed.
     let mut given: Vec<(String, String)> = clients
         .iter_mut()
@@ -703,7 +638,7 @@ fn throughput(
 /// of those allocations.
 fn memory(etcd: &Etcd, prefix: &str, pool: &Pool, dir: &TempDir) -> (u64, u64, f64) {
     let plugin = Plugin::start(&etcd.url, prefix, &dir.join("memory.sock"));
-    let mut clients: Vec<DockerClient> = (0..RSS_CLIENTS).map(|_| plugin.client(pool)).collect();
+    let mut clients: Vec<PluginClient> = (0..RSS_CLIENTS).map(|_| plugin.client(pool)).collect();
     let at_start = plugin.rss_kib();
     let (t, _) = all_at_once(&mut clients, |c| {
         for _ in 0..RSS_ALLOCATIONS / RSS_CLIENTS {
