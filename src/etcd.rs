@@ -57,6 +57,9 @@ pub enum Error {
     Certificate { endpoint: String, reason: String },
     /// A wrong user or password, a missing permission, or credentials needed.
     Auth(AuthError),
+    /// A transaction compares a key range, which etcd 3.2 and older cannot do (they would
+    /// compare its first key alone): not sent.
+    NoRangeCompares,
 }
 
 impl fmt::Display for Error {
@@ -92,6 +95,10 @@ impl fmt::Display for Error {
                 write!(f, "certificate problem with {endpoint}: {reason}")
             }
             Error::Auth(e) => write!(f, "{e}"),
+            Error::NoRangeCompares => write!(
+                f,
+                "etcd 3.2 and older cannot compare a range of keys in a transaction"
+            ),
         }
     }
 }
@@ -427,6 +434,16 @@ impl Client {
         Err(Error::Unreachable(tries))
     }
 
+    /// Whether transactions may compare a range of keys: etcd 3.3 and later, whose gateway
+    /// is `/v3beta` or `/v3`.
+    pub fn compares_ranges(&self) -> Result<bool, Error> {
+        let prefix = match self.api_prefix.get() {
+            Some(prefix) => *prefix,
+            None => self.server_version()?.api_prefix,
+        };
+        Ok(prefix != "/v3alpha")
+    }
+
     /// The gateway prefix, read once per process from the first endpoint that answers.
     fn api_prefix(&self, endpoint: &str) -> Result<&'static str, Attempt> {
         if let Some(prefix) = self.api_prefix.get() {
@@ -685,6 +702,12 @@ fn compare_body(c: &Compare) -> Value {
         Compare::ModRevision(key, rev) => json!({
             "key": b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": rev.to_string()
         }),
+        // Every key of the range was created at revision 0: none exists (an empty range is
+        // compared as one absent key).
+        Compare::NoKeyIn { start, end } => json!({
+            "key": b64(start), "range_end": b64(end), "result": "EQUAL", "target": "CREATE",
+            "create_revision": "0"
+        }),
     }
 }
 
@@ -715,6 +738,10 @@ impl Client {
     }
 
     pub fn txn(&self, txn: &Txn) -> Result<TxnOutcome, Error> {
+        let ranged = |c: &Compare| matches!(c, Compare::NoKeyIn { .. });
+        if txn.compares.iter().any(ranged) && !self.compares_ranges()? {
+            return Err(Error::NoRangeCompares);
+        }
         let body = json!({
             "compare": txn.compares.iter().map(compare_body).collect::<Vec<_>>(),
             "success": txn.success.iter().map(op_body).collect::<Vec<_>>(),
@@ -749,6 +776,10 @@ impl Kv for Client {
 
     fn txn(&self, txn: &Txn) -> Result<TxnOutcome, StoreError> {
         Ok(Client::txn(self, txn)?)
+    }
+
+    fn compares_ranges(&self) -> Result<bool, StoreError> {
+        Client::compares_ranges(self).map_err(read_error)
     }
 }
 
@@ -935,6 +966,25 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_range_compare_is_not_sent_to_etcd_3_2() {
+        // No endpoint answers here: the refusal comes before any request.
+        let client = Client::new(vec!["http://127.0.0.1:1".into()], Duration::from_millis(50));
+        let _ = client.api_prefix.set(gateway_prefix("3.2.32"));
+        assert_eq!(client.compares_ranges(), Ok(false));
+        let txn = Txn {
+            compares: vec![Compare::NoKeyIn {
+                start: "a".into(),
+                end: "b".into(),
+            }],
+            ..Txn::default()
+        };
+        assert_eq!(client.txn(&txn), Err(Error::NoRangeCompares));
+        let newer = Client::new(vec!["http://127.0.0.1:1".into()], Duration::from_millis(50));
+        let _ = newer.api_prefix.set(gateway_prefix("3.3.11"));
+        assert_eq!(newer.compares_ranges(), Ok(true));
+    }
 
     #[test]
     fn picks_the_gateway_prefix_by_version() {

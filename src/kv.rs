@@ -96,6 +96,10 @@ pub enum Compare {
     ModRevision(String, i64),
     /// The key holds exactly this value.
     Value(String, String),
+    /// No key exists in `[start, end)`. etcd compares a range since 3.3; 3.2 and older would
+    /// read only `start`, so a store that cannot compare ranges refuses this
+    /// (`Kv::compares_ranges` tells beforehand).
+    NoKeyIn { start: String, end: String },
 }
 
 /// One operation of a transaction branch.
@@ -174,6 +178,11 @@ pub trait Kv {
     fn range(&self, range: &Range) -> Result<Vec<KeyValue>, StoreError>;
     fn txn(&self, txn: &Txn) -> Result<TxnOutcome, StoreError>;
 
+    /// Whether transactions may use `Compare::NoKeyIn`.
+    fn compares_ranges(&self) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
     /// The keys the original tool's keyspace (etcd v2) holds under `prefix` (`mod_revision`
     /// being v2's modifiedIndex), so that a pool it defined is not defined again blindly;
     /// `None` when that keyspace cannot be read. A store without one holds nothing there.
@@ -189,6 +198,9 @@ impl<K: Kv + ?Sized> Kv for &K {
     fn txn(&self, txn: &Txn) -> Result<TxnOutcome, StoreError> {
         (**self).txn(txn)
     }
+    fn compares_ranges(&self) -> Result<bool, StoreError> {
+        (**self).compares_ranges()
+    }
     fn original_keys(&self, prefix: &str) -> Result<Option<Vec<KeyValue>>, StoreError> {
         (**self).original_keys(prefix)
     }
@@ -201,6 +213,7 @@ pub mod memory {
     use super::*;
     use std::cell::{Cell, RefCell};
     use std::collections::{BTreeMap, VecDeque};
+    use std::ops::Bound;
 
     /// A failure the next call meets instead of its normal answer.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -304,6 +317,17 @@ pub mod memory {
                 Compare::Absent(k) => !data.contains_key(k),
                 Compare::ModRevision(k, rev) => data.get(k).map(|e| e.1) == Some(*rev),
                 Compare::Value(k, value) => data.get(k).is_some_and(|e| e.0 == *value),
+                // BTreeMap::range panics on a reversed range, which etcd reads as empty.
+                Compare::NoKeyIn { start, end } => {
+                    start >= end
+                        || data
+                            .range::<str, _>((
+                                Bound::Included(start.as_str()),
+                                Bound::Excluded(end.as_str()),
+                            ))
+                            .next()
+                            .is_none()
+                }
             }
         }
     }
@@ -412,6 +436,32 @@ mod tests {
         let again = kv.txn(&put).unwrap();
         assert!(!again.succeeded);
         assert_eq!(again.range(0)[0].value, "v");
+    }
+
+    #[test]
+    fn memory_no_key_in_reads_start_to_end_exclusive() {
+        let kv = MemKv::new();
+        kv.txn(&Txn {
+            success: vec![Op::put("a/5", "")],
+            ..Txn::default()
+        })
+        .unwrap();
+        let empty = |start: &str, end: &str| {
+            kv.txn(&Txn {
+                compares: vec![Compare::NoKeyIn {
+                    start: start.into(),
+                    end: end.into(),
+                }],
+                ..Txn::default()
+            })
+            .unwrap()
+            .succeeded
+        };
+        assert!(!empty("a/1", "a/9"));
+        assert!(!empty("a/5", "a/5\0"));
+        assert!(empty("a/1", "a/5"));
+        assert!(empty("a/6", "a/9"));
+        assert!(empty("a/9", "a/1"));
     }
 
     #[test]

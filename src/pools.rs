@@ -372,9 +372,9 @@ fn refuse_unmigrated(check: Original) -> Result<(), PoolError> {
     }
 }
 
-/// Puts every poolable address of `range` that is in neither directory into `pool/`, each
-/// guarded by "not in `assigned/`", then writes the config. The config goes last: until it
-/// is there Docker cannot use the pool, so an interrupted run leaves nothing half-usable.
+/// Puts every poolable address of `range` that is in neither directory into `pool/`, guarded
+/// by "not in `assigned/`", then writes the config. The config goes last: until it is there
+/// Docker cannot use the pool, so an interrupted run leaves nothing half-usable.
 fn fill<K: Kv>(
     kv: &K,
     keys: &PoolKeys,
@@ -399,37 +399,20 @@ fn fill<K: Kv>(
     report.skipped = range.size() - report.already_free - report.in_use - missing.len() as u64;
 
     let total = missing.len() as u64;
+    let ranged = kv.compares_ranges()?;
+    let batches = if ranged {
+        runs_between(missing, &used)
+    } else {
+        missing.chunks(MAX_TXN_OPS).map(<[_]>::to_vec).collect()
+    };
     let mut done = 0;
-    for batch in missing.chunks(MAX_TXN_OPS) {
-        let txn = Txn {
-            compares: batch
-                .iter()
-                .map(|a| Compare::Absent(keys.assigned(*a)))
-                .collect(),
-            success: batch.iter().map(|a| Op::put(keys.pool(*a), "")).collect(),
-            failure: vec![],
-        };
-        if kv.txn(&txn)?.succeeded {
-            report.added += batch.len() as u64;
-        } else {
-            // Someone took one of these since we looked: go one by one.
-            for addr in batch {
-                let one = Txn {
-                    compares: vec![Compare::Absent(keys.assigned(*addr))],
-                    success: vec![Op::put(keys.pool(*addr), "")],
-                    failure: vec![],
-                };
-                if kv.txn(&one)?.succeeded {
-                    report.added += 1;
-                } else {
-                    report.in_use += 1;
-                }
-            }
-        }
+    for batch in &batches {
+        let added = pool_batch(kv, keys, batch, ranged)?;
+        report.added += added;
+        report.in_use += batch.len() as u64 - added;
         done += batch.len() as u64;
         progress(done, total);
     }
-
     let write_config = Txn {
         compares: vec![Compare::Absent(config_key.into())],
         success: vec![Op::put(config_key, config)],
@@ -448,6 +431,88 @@ fn fill<K: Kv>(
     Ok(report)
 }
 
+/// `missing` in the order of their keys, cut into runs of at most `MAX_TXN_OPS` with no
+/// address of `used` between a run's first and last key: then "no key of `assigned/` lies in
+/// that span" guards a whole run with one compare, which costs etcd less than one per key.
+fn runs_between(missing: Vec<Ipv4Addr>, used: &HashSet<Ipv4Addr>) -> Vec<Vec<Ipv4Addr>> {
+    // Keys share their directory, so they sort as the addresses' text does.
+    let mut missing: Vec<(String, Ipv4Addr)> =
+        missing.into_iter().map(|a| (a.to_string(), a)).collect();
+    missing.sort_unstable();
+    let mut used: Vec<String> = used.iter().map(Ipv4Addr::to_string).collect();
+    used.sort_unstable();
+    let mut runs: Vec<Vec<Ipv4Addr>> = Vec::new();
+    let mut previous: Option<&str> = None;
+    for (text, addr) in &missing {
+        let run = match (previous, runs.last_mut()) {
+            (Some(previous), Some(run)) if run.len() < MAX_TXN_OPS => {
+                let next_used = used.partition_point(|u| u.as_str() <= previous);
+                let used_between = used.get(next_used).is_some_and(|u| u < text);
+                (!used_between).then_some(run)
+            }
+            _ => None,
+        };
+        match run {
+            Some(run) => run.push(*addr),
+            None => runs.push(vec![*addr]),
+        }
+        previous = Some(text);
+    }
+    runs
+}
+
+/// Puts `batch` into `pool/`, each address guarded by "not in `assigned/`": with one range
+/// compare when `ranged` (a run of `runs_between`), else one compare per address; if either
+/// fails (someone took an address since the read), one address at a time. How many it put.
+fn pool_batch<K: Kv>(
+    kv: &K,
+    keys: &PoolKeys,
+    batch: &[Ipv4Addr],
+    ranged: bool,
+) -> Result<u64, StoreError> {
+    let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+        return Ok(0);
+    };
+    let puts: Vec<Op> = batch.iter().map(|a| Op::put(keys.pool(*a), "")).collect();
+    if ranged {
+        let span = Txn {
+            // The smallest key after `last` is `last` followed by a NUL byte.
+            compares: vec![Compare::NoKeyIn {
+                start: keys.assigned(*first),
+                end: format!("{}\0", keys.assigned(*last)),
+            }],
+            success: puts.clone(),
+            failure: vec![],
+        };
+        if kv.txn(&span)?.succeeded {
+            return Ok(batch.len() as u64);
+        }
+    }
+    let each = Txn {
+        compares: batch
+            .iter()
+            .map(|a| Compare::Absent(keys.assigned(*a)))
+            .collect(),
+        success: puts,
+        failure: vec![],
+    };
+    if kv.txn(&each)?.succeeded {
+        return Ok(batch.len() as u64);
+    }
+    let mut added = 0;
+    for addr in batch {
+        let one = Txn {
+            compares: vec![Compare::Absent(keys.assigned(*addr))],
+            success: vec![Op::put(keys.pool(*addr), "")],
+            failure: vec![],
+        };
+        if kv.txn(&one)?.succeeded {
+            added += 1;
+        }
+    }
+    Ok(added)
+}
+
 /// The addresses named by the keys of one of a pool's directories.
 pub(crate) fn addrs_of_dir<K: Kv>(
     kv: &K,
@@ -462,6 +527,8 @@ pub(crate) fn addrs_of_dir<K: Kv>(
 mod tests {
     use super::*;
     use crate::kv::memory::MemKv;
+    use ipnet::Ipv4Net;
+    use std::cell::RefCell;
 
     fn range(a: &str, b: &str) -> AddrRange {
         AddrRange::parse(a, b).unwrap()
@@ -655,5 +722,157 @@ mod tests {
             matches!(err, Err(PoolError::ConfigMismatch { .. })),
             "{err:?}"
         );
+    }
+
+    /// A store where someone else applies `meanwhile` just before our first transaction; it
+    /// records every compare it is sent and says whether it `compares_ranges`.
+    struct Meanwhile<'a> {
+        kv: &'a MemKv,
+        meanwhile: RefCell<Option<Txn>>,
+        ranged: bool,
+        compares: RefCell<Vec<Compare>>,
+    }
+
+    impl<'a> Meanwhile<'a> {
+        fn new(kv: &'a MemKv, meanwhile: Option<Txn>, ranged: bool) -> Meanwhile<'a> {
+            Meanwhile {
+                kv,
+                meanwhile: RefCell::new(meanwhile),
+                ranged,
+                compares: RefCell::default(),
+            }
+        }
+    }
+
+    impl Kv for Meanwhile<'_> {
+        fn range(&self, range: &Range) -> Result<Vec<crate::kv::KeyValue>, StoreError> {
+            self.kv.range(range)
+        }
+        fn txn(&self, txn: &Txn) -> Result<crate::kv::TxnOutcome, StoreError> {
+            if let Some(other) = self.meanwhile.borrow_mut().take() {
+                self.kv.txn(&other)?;
+            }
+            self.compares
+                .borrow_mut()
+                .extend(txn.compares.iter().cloned());
+            self.kv.txn(txn)
+        }
+        fn compares_ranges(&self) -> Result<bool, StoreError> {
+            Ok(self.ranged)
+        }
+    }
+
+    fn assign(keys: &PoolKeys, addr: &str) -> Txn {
+        Txn {
+            success: vec![Op::put(keys.assigned(addr.parse().unwrap()), "x")],
+            ..Txn::default()
+        }
+    }
+
+    fn pooled(kv: &MemKv, keys: &PoolKeys) -> HashSet<Ipv4Addr> {
+        addrs_of_dir(kv, keys, &keys.pool_dir).unwrap()
+    }
+
+    #[test]
+    fn runs_never_span_an_assigned_key_and_cover_every_missing_address_once() {
+        let net: Ipv4Net = "198.18.0.0/22".parse().unwrap();
+        let all: Vec<Ipv4Addr> = net.hosts().collect();
+        // Assigned: every 7th address, so that they fall between others in key order.
+        let used: HashSet<Ipv4Addr> = all.iter().copied().step_by(7).collect();
+        let missing: Vec<Ipv4Addr> = all.iter().copied().filter(|a| !used.contains(a)).collect();
+        let runs = runs_between(missing.clone(), &used);
+        let mut seen: Vec<Ipv4Addr> = runs.iter().flatten().copied().collect();
+        seen.sort();
+        assert_eq!(seen, missing);
+        for run in &runs {
+            assert!(!run.is_empty() && run.len() <= MAX_TXN_OPS);
+            let texts: Vec<String> = run.iter().map(Ipv4Addr::to_string).collect();
+            assert!(texts.windows(2).all(|w| w[0] < w[1]), "{texts:?}");
+            let (first, last) = (&texts[0], &texts[texts.len() - 1]);
+            let inside = used
+                .iter()
+                .map(Ipv4Addr::to_string)
+                .find(|u| u > first && u < last);
+            assert_eq!(inside, None, "run {first}..{last}");
+        }
+        // With nothing assigned, runs are as long as a transaction allows.
+        let runs = runs_between(all.clone(), &HashSet::new());
+        assert_eq!(runs.len(), all.len().div_ceil(MAX_TXN_OPS));
+    }
+
+    #[test]
+    fn a_new_range_costs_one_compare_per_transaction() {
+        let kv = MemKv::new();
+        let l = Layout::new("/t");
+        let store = Meanwhile::new(&kv, None, true);
+        let r = range("198.18.0.0/22", "198.18.3.255/22");
+        let report = add_container_range(&store, &l, r, &mut quiet()).unwrap();
+        assert_eq!(report.added, 1022);
+        let compares = store.compares.borrow();
+        // Eight runs of 128 (the last one 126), then the config.
+        assert_eq!(compares.len(), 8 + 1, "{compares:?}");
+        assert!(compares[..8]
+            .iter()
+            .all(|c| matches!(c, Compare::NoKeyIn { .. })));
+    }
+
+    #[test]
+    fn an_address_taken_meanwhile_inside_a_run_stays_assigned() {
+        let l = Layout::new("/t");
+        let keys = l.containers("198.18.0.0".parse().unwrap());
+        let r = range("198.18.0.1/24", "198.18.0.254/24");
+        // Taken between the read and the first write: in the first run's span, and (in key
+        // order) the second address of it.
+        for ranged in [true, false] {
+            let kv = MemKv::new();
+            let store = Meanwhile::new(&kv, Some(assign(&keys, "198.18.0.10")), ranged);
+            let report = add_container_range(&store, &l, r, &mut quiet()).unwrap();
+            assert_eq!((report.added, report.in_use), (253, 1), "ranged {ranged}");
+            let pooled = pooled(&kv, &keys);
+            assert_eq!(pooled.len(), 253);
+            assert!(!pooled.contains(&"198.18.0.10".parse().unwrap()));
+            let sent_ranges = store
+                .compares
+                .borrow()
+                .iter()
+                .any(|c| matches!(c, Compare::NoKeyIn { .. }));
+            assert_eq!(sent_ranges, ranged);
+        }
+    }
+
+    #[test]
+    fn a_free_address_taken_meanwhile_inside_a_run_costs_one_more_transaction() {
+        let kv = MemKv::new();
+        let l = Layout::new("/t");
+        let keys = l.containers("198.18.0.0".parse().unwrap());
+        // .10 is free before the run: it lies in the span of the run of the addresses
+        // around it but is not one of them.
+        add_container_range(
+            &kv,
+            &l,
+            range("198.18.0.10/24", "198.18.0.10/24"),
+            &mut quiet(),
+        )
+        .unwrap();
+        let take = Txn {
+            success: vec![
+                Op::delete(keys.pool("198.18.0.10".parse().unwrap())),
+                Op::put(keys.assigned("198.18.0.10".parse().unwrap()), "x"),
+            ],
+            ..Txn::default()
+        };
+        let store = Meanwhile::new(&kv, Some(take), true);
+        let report = add_container_range(
+            &store,
+            &l,
+            range("198.18.0.1/24", "198.18.0.254/24"),
+            &mut quiet(),
+        )
+        .unwrap();
+        assert_eq!(report.added, 253);
+        // The first run's range compare fails, its compares per key do not; the second run
+        // and the config as usual.
+        assert_eq!(store.compares.borrow().len(), 1 + 128 + 1 + 1);
+        assert!(!pooled(&kv, &keys).contains(&"198.18.0.10".parse().unwrap()));
     }
 }

@@ -104,6 +104,38 @@ fn put_range_delete_and_txn_round_trip() {
     assert!(c.range(&Range::key(format!("{p}/d"))).unwrap().is_empty());
 }
 
+/// `Compare::NoKeyIn` as etcd reads it (the in-memory store's unit tests assume the same):
+/// from `start`, included, to `end`, excluded; a deleted key is no key.
+#[test]
+fn a_range_compare_sees_the_keys_from_start_to_end_exclusive() {
+    let etcd = Etcd::shared();
+    let p = unique_prefix("client");
+    let c = client(&[&etcd.url]);
+    assert!(c.compares_ranges().unwrap());
+    put(&c, &format!("{p}/5"), "");
+    let empty = |start: &str, end: &str| {
+        let txn = Txn {
+            compares: vec![Compare::NoKeyIn {
+                start: format!("{p}/{start}"),
+                end: format!("{p}/{end}"),
+            }],
+            ..Txn::default()
+        };
+        c.txn(&txn).unwrap().succeeded
+    };
+    assert!(!empty("1", "9"));
+    assert!(!empty("5", "5\0"));
+    assert!(empty("1", "5"));
+    assert!(empty("50", "9"));
+    assert!(empty("6", "9"));
+    let delete = Txn {
+        success: vec![Op::delete(format!("{p}/5"))],
+        ..Txn::default()
+    };
+    assert!(c.txn(&delete).unwrap().succeeded);
+    assert!(empty("1", "9"));
+}
+
 #[test]
 fn a_dead_first_endpoint_is_skipped() {
     let etcd = Etcd::shared();
