@@ -136,6 +136,73 @@ fn a_range_compare_sees_the_keys_from_start_to_end_exclusive() {
     assert!(empty("1", "9"));
 }
 
+/// What etcd makes of a `NoKeyIn` whose `end` is not after `start`: a reversed range is
+/// empty, but an empty `end` means the key `start` alone (etcd's `range_end` convention), which
+/// is not what `Compare::NoKeyIn`'s `[start, end)` or the in-memory store say.
+#[test]
+fn an_empty_range_end_compares_the_start_key_alone() {
+    let etcd = Etcd::shared();
+    let p = unique_prefix("client");
+    let c = client(&[&etcd.url]);
+    put(&c, &format!("{p}/5"), "");
+    let empty = |start: String, end: String| {
+        let txn = Txn {
+            compares: vec![Compare::NoKeyIn { start, end }],
+            ..Txn::default()
+        };
+        c.txn(&txn).unwrap().succeeded
+    };
+    assert!(empty(format!("{p}/9"), format!("{p}/1")));
+    assert!(empty(format!("{p}/1"), String::new()));
+    assert!(!empty(format!("{p}/5"), String::new()));
+}
+
+/// An endpoint that answers every request with `/version`'s `body` and closes the
+/// connection; anything else it is sent goes unanswered the same way.
+fn version_only_endpoint(body: &'static str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(8) {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+/// During a rolling upgrade from etcd 3.2, a 3.3 member answers `/version` with its own
+/// version (`etcdserver`) and the cluster's (`etcdcluster`, the oldest member's). Every
+/// member applies each transaction itself, and a 3.2 member ignores `range_end` (a field it
+/// does not know), so it compares the range's first key alone: a range compare sent through
+/// the 3.3 member would guard nothing on the 3.2 members, and their copies would diverge.
+/// Whether ranges may be compared is the cluster's version, not the endpoint's.
+#[test]
+fn no_range_compare_while_a_member_of_the_cluster_is_still_etcd_3_2() {
+    let mixed = version_only_endpoint(r#"{"etcdserver":"3.3.11","etcdcluster":"3.2.0"}"#);
+    let c = client(&[&mixed]);
+    assert_eq!(c.compares_ranges(), Ok(false));
+    let txn = Txn {
+        compares: vec![Compare::NoKeyIn {
+            start: "/t/a".into(),
+            end: "/t/b".into(),
+        }],
+        ..Txn::default()
+    };
+    assert_eq!(c.txn(&txn), Err(Error::NoRangeCompares));
+}
+
 #[test]
 fn a_dead_first_endpoint_is_skipped() {
     let etcd = Etcd::shared();
