@@ -464,6 +464,32 @@ mod tests {
         assert!(empty("a/9", "a/1"));
     }
 
+    /// etcd reads an empty `range_end` as "this key alone" (tests/etcd_client.rs
+    /// `an_empty_range_end_compares_the_start_key_alone`, etcd 3.4.23), and the client sends
+    /// `NoKeyIn`'s `end` as it is: the in-memory store must answer the same, not "empty span".
+    #[test]
+    fn memory_no_key_in_with_an_empty_end_compares_the_start_key_as_etcd_does() {
+        let kv = MemKv::new();
+        kv.txn(&Txn {
+            success: vec![Op::put("a/5", "")],
+            ..Txn::default()
+        })
+        .unwrap();
+        let empty = |start: &str| {
+            kv.txn(&Txn {
+                compares: vec![Compare::NoKeyIn {
+                    start: start.into(),
+                    end: String::new(),
+                }],
+                ..Txn::default()
+            })
+            .unwrap()
+            .succeeded
+        };
+        assert!(empty("a/1"));
+        assert!(!empty("a/5"), "etcd finds a/5 there");
+    }
+
     #[test]
     fn memory_txn_enforces_etcds_operation_limit() {
         let kv = MemKv::new();
