@@ -670,7 +670,7 @@ fn bulk_put(url: &str, prefix: &str, pool: &Pool) -> Duration {
     let keys = Layout::new(prefix).containers(pool.net.network());
     let all: Vec<Ipv4Addr> = pool.hosts().collect();
     let t = Instant::now();
-    // The pool's config, as ip-range writes it first: allocations compare it.
+    // The pool's config (ip-range writes it last, after the addresses): allocations compare it.
     let config = serde_json::to_string(&ContainerConfig::new(pool.net)).expect("config JSON");
     client
         .txn(&Txn {

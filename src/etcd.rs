@@ -57,8 +57,8 @@ pub enum Error {
     Certificate { endpoint: String, reason: String },
     /// A wrong user or password, a missing permission, or credentials needed.
     Auth(AuthError),
-    /// A transaction compares a key range, which etcd 3.2 and older cannot do (they would
-    /// compare its first key alone): not sent.
+    /// A transaction compares a key range, which a cluster with a member of etcd 3.2 or older
+    /// cannot do (that member would compare its first key alone): not sent.
     NoRangeCompares,
 }
 
@@ -97,7 +97,7 @@ impl fmt::Display for Error {
             Error::Auth(e) => write!(f, "{e}"),
             Error::NoRangeCompares => write!(
                 f,
-                "etcd 3.2 and older cannot compare a range of keys in a transaction"
+                "an etcd cluster older than 3.3 cannot compare a range of keys in a transaction"
             ),
         }
     }
@@ -184,6 +184,9 @@ pub struct ServerVersion {
     pub endpoint: String,
     /// Its etcd version, e.g. `3.5.16`.
     pub version: String,
+    /// The cluster's version (its oldest member's, `3.5.0`), or what etcd says before it has
+    /// decided (`not_decided`).
+    pub cluster: String,
     /// The gateway prefix requests use: `/v3`, `/v3beta` or `/v3alpha`.
     pub api_prefix: &'static str,
 }
@@ -196,6 +199,9 @@ pub struct Client {
     preferred: AtomicUsize,
     /// `/v3`, `/v3beta` or `/v3alpha`, read from the first endpoint that answers `/version`.
     api_prefix: OnceLock<&'static str>,
+    /// Whether the cluster compares key ranges, read once per process (only `ip-range` and
+    /// `host-range` ask).
+    range_compares: OnceLock<bool>,
     health: Arc<Health>,
     /// The user and token, when etcd wants authentication.
     auth: Option<Session>,
@@ -239,6 +245,7 @@ impl Client {
             agent,
             preferred: AtomicUsize::new(0),
             api_prefix: OnceLock::new(),
+            range_compares: OnceLock::new(),
             health: Arc::default(),
             auth: security.credentials.map(Session::new),
         }
@@ -416,12 +423,13 @@ impl Client {
     pub fn server_version(&self) -> Result<ServerVersion, Error> {
         let mut tries = Vec::new();
         for endpoint in &self.endpoints {
-            match self.read_version(endpoint) {
-                Ok(version) => {
+            match self.read_versions(endpoint) {
+                Ok((version, cluster)) => {
                     let api_prefix = *self.api_prefix.get_or_init(|| gateway_prefix(&version));
                     return Ok(ServerVersion {
                         endpoint: endpoint.clone(),
                         version,
+                        cluster,
                         api_prefix,
                     });
                 }
@@ -434,14 +442,23 @@ impl Client {
         Err(Error::Unreachable(tries))
     }
 
-    /// Whether transactions may compare a range of keys: etcd 3.3 and later, whose gateway
-    /// is `/v3beta` or `/v3`.
+    /// Whether transactions may compare a range of keys: when the cluster's version is 3.3 or
+    /// later. Not the endpoint's own: every member applies each transaction itself, and a 3.2
+    /// member left in a cluster being upgraded would ignore `range_end` (a field it does not
+    /// know) and compare the range's first key alone.
     pub fn compares_ranges(&self) -> Result<bool, Error> {
-        let prefix = match self.api_prefix.get() {
-            Some(prefix) => *prefix,
-            None => self.server_version()?.api_prefix,
-        };
-        Ok(prefix != "/v3alpha")
+        if let Some(known) = self.range_compares.get() {
+            return Ok(*known);
+        }
+        let found = self.server_version()?;
+        let ranges = cluster_compares_ranges(&found.cluster);
+        if !ranges {
+            log::debug!(
+                "etcd cluster version {:?}: one compare per key, not per range",
+                found.cluster
+            );
+        }
+        Ok(*self.range_compares.get_or_init(|| ranges))
     }
 
     /// The gateway prefix, read once per process from the first endpoint that answers.
@@ -457,6 +474,11 @@ impl Client {
 
     /// `etcdserver` of the endpoint's `/version`.
     fn read_version(&self, endpoint: &str) -> Result<String, Attempt> {
+        Ok(self.read_versions(endpoint)?.0)
+    }
+
+    /// `etcdserver` and `etcdcluster` of the endpoint's `/version`.
+    fn read_versions(&self, endpoint: &str) -> Result<(String, String), Attempt> {
         let url = format!("{endpoint}/version");
         let mut answer = self
             .agent
@@ -480,7 +502,8 @@ impl Client {
                 version: server.into(),
             }));
         }
-        Ok(server.to_string())
+        let cluster = version["etcdcluster"].as_str().unwrap_or_default();
+        Ok((server.to_string(), cluster.to_string()))
     }
 }
 
@@ -519,6 +542,17 @@ fn serves_v3(version: &str) -> bool {
         .next()
         .and_then(|m| m.parse::<u32>().ok());
     !major.is_some_and(|m| m < 3)
+}
+
+/// Whether a cluster of this version compares key ranges (3.3 and later). Unknown or not yet
+/// decided reads as no: comparing each key is slower, never wrong.
+fn cluster_compares_ranges(cluster: &str) -> bool {
+    let mut parts = cluster.split('.').map(str::parse::<u32>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(3)), Some(Ok(minor))) => minor >= 3,
+        (Some(Ok(major)), Some(Ok(_))) => major > 3,
+        _ => false,
+    }
 }
 
 /// Which gateway prefix an etcd server of this version serves.
@@ -968,11 +1002,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_range_compare_is_not_sent_to_etcd_3_2() {
+    fn a_range_compare_is_not_sent_to_a_cluster_older_than_3_3() {
+        assert!(!cluster_compares_ranges("3.2.0"));
+        assert!(!cluster_compares_ranges("not_decided"));
+        assert!(!cluster_compares_ranges(""));
+        assert!(cluster_compares_ranges("3.3.0"));
+        assert!(cluster_compares_ranges("3.4.0"));
+        assert!(cluster_compares_ranges("4.0.0"));
         // No endpoint answers here: the refusal comes before any request.
         let client = Client::new(vec!["http://127.0.0.1:1".into()], Duration::from_millis(50));
-        let _ = client.api_prefix.set(gateway_prefix("3.2.32"));
-        assert_eq!(client.compares_ranges(), Ok(false));
+        let _ = client.range_compares.set(false);
         let txn = Txn {
             compares: vec![Compare::NoKeyIn {
                 start: "a".into(),
@@ -981,9 +1020,6 @@ mod tests {
             ..Txn::default()
         };
         assert_eq!(client.txn(&txn), Err(Error::NoRangeCompares));
-        let newer = Client::new(vec!["http://127.0.0.1:1".into()], Duration::from_millis(50));
-        let _ = newer.api_prefix.set(gateway_prefix("3.3.11"));
-        assert_eq!(newer.compares_ranges(), Ok(true));
     }
 
     #[test]

@@ -96,8 +96,9 @@ pub enum Compare {
     ModRevision(String, i64),
     /// The key holds exactly this value.
     Value(String, String),
-    /// No key exists in `[start, end)`. etcd compares a range since 3.3; 3.2 and older would
-    /// read only `start`, so a store that cannot compare ranges refuses this
+    /// No key exists in `[start, end)`, `end` read as etcd reads a `range_end` (empty: `start`
+    /// alone; NUL: every key from `start` on). etcd compares a range since 3.3; 3.2 would
+    /// compare `start` alone, so a store that cannot compare ranges refuses this
     /// (`Kv::compares_ranges` tells beforehand).
     NoKeyIn { start: String, end: String },
 }
@@ -317,16 +318,18 @@ pub mod memory {
                 Compare::Absent(k) => !data.contains_key(k),
                 Compare::ModRevision(k, rev) => data.get(k).map(|e| e.1) == Some(*rev),
                 Compare::Value(k, value) => data.get(k).is_some_and(|e| e.0 == *value),
-                // BTreeMap::range panics on a reversed range, which etcd reads as empty.
                 Compare::NoKeyIn { start, end } => {
-                    start >= end
-                        || data
-                            .range::<str, _>((
-                                Bound::Included(start.as_str()),
-                                Bound::Excluded(end.as_str()),
-                            ))
-                            .next()
-                            .is_none()
+                    // As etcd reads `range_end`: empty is `start` alone, NUL every key from
+                    // `start` on, and a reversed range nothing (BTreeMap::range would panic).
+                    let upper = match end.as_str() {
+                        "" => return !data.contains_key(start),
+                        "\0" => Bound::Unbounded,
+                        end if end <= start.as_str() => return true,
+                        end => Bound::Excluded(end),
+                    };
+                    data.range::<str, _>((Bound::Included(start.as_str()), upper))
+                        .next()
+                        .is_none()
                 }
             }
         }
@@ -462,6 +465,8 @@ mod tests {
         assert!(empty("a/1", "a/5"));
         assert!(empty("a/6", "a/9"));
         assert!(empty("a/9", "a/1"));
+        assert!(!empty("a/1", "\0"));
+        assert!(empty("a/6", "\0"));
     }
 
     /// etcd reads an empty `range_end` as "this key alone" (tests/etcd_client.rs

@@ -400,17 +400,12 @@ fn fill<K: Kv>(
 
     let total = missing.len() as u64;
     let ranged = kv.compares_ranges()?;
-    let batches = if ranged {
-        runs_between(missing, &used)
-    } else {
-        missing.chunks(MAX_TXN_OPS).map(<[_]>::to_vec).collect()
-    };
     let mut done = 0;
-    for batch in &batches {
-        let added = pool_batch(kv, keys, batch, ranged)?;
+    for batch in batches(missing, &used, ranged) {
+        let added = pool_batch(kv, keys, &batch)?;
         report.added += added;
-        report.in_use += batch.len() as u64 - added;
-        done += batch.len() as u64;
+        report.in_use += batch.addrs.len() as u64 - added;
+        done += batch.addrs.len() as u64;
         progress(done, total);
     }
     let write_config = Txn {
@@ -429,6 +424,46 @@ fn fill<K: Kv>(
         }
     }
     Ok(report)
+}
+
+/// Addresses to put into `pool/` in one transaction, and how they are guarded.
+struct Batch {
+    addrs: Vec<Ipv4Addr>,
+    /// By one compare over their span of `assigned/` keys, rather than one per address.
+    span: bool,
+}
+
+/// A run shorter than this goes in with others, one compare per address: a transaction of its
+/// own would cost etcd more (a transaction's fixed cost is about that of 30 puts, a compare
+/// per address about a third of a put).
+const SHORTEST_SPAN: usize = MAX_TXN_OPS / 2;
+
+/// `missing` cut into transactions: runs long enough guarded as a span (when the store can),
+/// the rest together, up to `MAX_TXN_OPS`, one compare each. Where assigned addresses lie
+/// scattered among the missing ones, runs are short, and this keeps the count of transactions
+/// to what one compare per address took.
+fn batches(missing: Vec<Ipv4Addr>, used: &HashSet<Ipv4Addr>, ranged: bool) -> Vec<Batch> {
+    let each = |addrs: &[Ipv4Addr]| Batch {
+        addrs: addrs.to_vec(),
+        span: false,
+    };
+    if !ranged {
+        return missing.chunks(MAX_TXN_OPS).map(each).collect();
+    }
+    let mut out = Vec::new();
+    let mut short = Vec::new();
+    for run in runs_between(missing, used) {
+        if run.len() >= SHORTEST_SPAN {
+            out.push(Batch {
+                addrs: run,
+                span: true,
+            });
+        } else {
+            short.extend(run);
+        }
+    }
+    out.extend(short.chunks(MAX_TXN_OPS).map(each));
+    out
 }
 
 /// `missing` in the order of their keys, cut into runs of at most `MAX_TXN_OPS` with no
@@ -461,20 +496,17 @@ fn runs_between(missing: Vec<Ipv4Addr>, used: &HashSet<Ipv4Addr>) -> Vec<Vec<Ipv
     runs
 }
 
-/// Puts `batch` into `pool/`, each address guarded by "not in `assigned/`": with one range
-/// compare when `ranged` (a run of `runs_between`), else one compare per address; if either
-/// fails (someone took an address since the read), one address at a time. How many it put.
-fn pool_batch<K: Kv>(
-    kv: &K,
-    keys: &PoolKeys,
-    batch: &[Ipv4Addr],
-    ranged: bool,
-) -> Result<u64, StoreError> {
-    let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+/// Puts `batch` into `pool/`, each address guarded by "not in `assigned/`": with one compare
+/// over its span or one per address; if that fails (someone took an address since the read,
+/// or one in the span), one per address, then one address at a time. How many it put.
+fn pool_batch<K: Kv>(kv: &K, keys: &PoolKeys, batch: &Batch) -> Result<u64, StoreError> {
+    let addrs = &batch.addrs;
+    let (Some(first), Some(last)) = (addrs.first(), addrs.last()) else {
         return Ok(0);
     };
-    let puts: Vec<Op> = batch.iter().map(|a| Op::put(keys.pool(*a), "")).collect();
-    if ranged {
+    let all = addrs.len() as u64;
+    let puts: Vec<Op> = addrs.iter().map(|a| Op::put(keys.pool(*a), "")).collect();
+    if batch.span {
         let span = Txn {
             // The smallest key after `last` is `last` followed by a NUL byte.
             compares: vec![Compare::NoKeyIn {
@@ -485,11 +517,11 @@ fn pool_batch<K: Kv>(
             failure: vec![],
         };
         if kv.txn(&span)?.succeeded {
-            return Ok(batch.len() as u64);
+            return Ok(all);
         }
     }
     let each = Txn {
-        compares: batch
+        compares: addrs
             .iter()
             .map(|a| Compare::Absent(keys.assigned(*a)))
             .collect(),
@@ -497,10 +529,10 @@ fn pool_batch<K: Kv>(
         failure: vec![],
     };
     if kv.txn(&each)?.succeeded {
-        return Ok(batch.len() as u64);
+        return Ok(all);
     }
     let mut added = 0;
-    for addr in batch {
+    for addr in addrs {
         let one = Txn {
             compares: vec![Compare::Absent(keys.assigned(*addr))],
             success: vec![Op::put(keys.pool(*addr), "")],
@@ -528,7 +560,7 @@ mod tests {
     use super::*;
     use crate::kv::memory::MemKv;
     use ipnet::Ipv4Net;
-    use std::cell::RefCell;
+    use std::cell::{Cell, RefCell};
 
     fn range(a: &str, b: &str) -> AddrRange {
         AddrRange::parse(a, b).unwrap()
@@ -731,6 +763,7 @@ mod tests {
         meanwhile: RefCell<Option<Txn>>,
         ranged: bool,
         compares: RefCell<Vec<Compare>>,
+        txns: Cell<usize>,
     }
 
     impl<'a> Meanwhile<'a> {
@@ -740,6 +773,7 @@ mod tests {
                 meanwhile: RefCell::new(meanwhile),
                 ranged,
                 compares: RefCell::default(),
+                txns: Cell::default(),
             }
         }
     }
@@ -755,6 +789,7 @@ mod tests {
             self.compares
                 .borrow_mut()
                 .extend(txn.compares.iter().cloned());
+            self.txns.set(self.txns.get() + 1);
             self.kv.txn(txn)
         }
         fn compares_ranges(&self) -> Result<bool, StoreError> {
@@ -798,6 +833,42 @@ mod tests {
         // With nothing assigned, runs are as long as a transaction allows.
         let runs = runs_between(all.clone(), &HashSet::new());
         assert_eq!(runs.len(), all.len().div_ceil(MAX_TXN_OPS));
+    }
+
+    /// Puts each address of `held` in `assigned/`; then adds the whole `net` through a store
+    /// that compares ranges; the report and how many transactions it took.
+    fn grow_around(held: &[Ipv4Addr], net: &str) -> (AddReport, usize) {
+        let kv = MemKv::new();
+        let l = Layout::new("/t");
+        let net: Ipv4Net = net.parse().unwrap();
+        let keys = l.containers(net.network());
+        for addr in held {
+            kv.txn(&assign(&keys, &addr.to_string())).unwrap();
+        }
+        let store = Meanwhile::new(&kv, None, true);
+        let whole = AddrRange {
+            net,
+            start: net.network(),
+            end: net.broadcast(),
+        };
+        let report = add_container_range(&store, &l, whole, &mut quiet()).unwrap();
+        (report, store.txns.get())
+    }
+
+    #[test]
+    fn assigned_addresses_scattered_among_the_missing_cost_no_more_transactions() {
+        // The README's example: .100-.200 in use, the pool then grown to the whole /24. In key
+        // order they cut the rest into runs of a few addresses each.
+        let held: Vec<Ipv4Addr> = (100..=200).map(|i| Ipv4Addr::new(198, 18, 0, i)).collect();
+        let (report, txns) = grow_around(&held, "198.18.0.0/24");
+        assert_eq!((report.added, report.in_use), (153, 101));
+        assert_eq!(txns, 2 + 1, "two of 128 at most, and the config");
+        // Every other address of a /22 in use: every run is one address long.
+        let net: Ipv4Net = "198.18.0.0/22".parse().unwrap();
+        let held: Vec<Ipv4Addr> = net.hosts().step_by(2).collect();
+        let (report, txns) = grow_around(&held, "198.18.0.0/22");
+        assert_eq!((report.added, report.in_use), (511, 511));
+        assert_eq!(txns, 4 + 1);
     }
 
     #[test]
