@@ -429,12 +429,15 @@ impl<K: Kv> Allocator<K> {
     /// A free-looking address to try: a remembered candidate, else any host address of `net`.
     fn candidate(&mut self, keys: &PoolKeys, net: Ipv4Net) -> Ipv4Addr {
         let pick = self.random();
-        if let Some(seen) = self.candidates.get_mut(&keys.pool_dir) {
-            if !seen.is_empty() {
-                let i = (pick % seen.len() as u64) as usize;
-                return seen.swap_remove(i);
-            }
+        match self.candidates.get_mut(&keys.pool_dir) {
+            Some(seen) if !seen.is_empty() => seen.swap_remove((pick % seen.len() as u64) as usize),
+            _ => self.guess(net),
         }
+    }
+
+    /// An address of `net` picked at random.
+    fn guess(&mut self, net: Ipv4Net) -> Ipv4Addr {
+        let pick = self.random();
         // Host addresses run from network+1 to broadcast-1; a /31 or /32 has none to guess.
         let first = u64::from(u32::from(net.network())) + 1;
         let last = u64::from(u32::from(net.broadcast())).saturating_sub(1);
@@ -462,7 +465,12 @@ impl<K: Kv> Allocator<K> {
                 break;
             }
             let addr = self.candidate(keys, net);
-            let (window_start, window_end) = window(keys, addr);
+            // Should it miss, new candidates come from a window picked at random, not from
+            // around the address missed: taken addresses lie mostly where other allocators
+            // (other hosts) are taking their own candidates, and following them there made
+            // them collide again and again (8 allocators on a /16: 1.07-1.19 requests each).
+            let elsewhere = self.guess(net);
+            let (window_start, window_end) = window(keys, elsewhere);
             let nearby = Range::between(&window_start, &window_end)
                 .limit(WINDOW_LIMIT)
                 .keys_only();
@@ -1125,6 +1133,30 @@ mod tests {
             "{}",
             kv.calls.get() - start
         );
+    }
+
+    #[test]
+    fn allocators_sharing_a_slash_16_do_not_follow_each_other_into_their_windows() {
+        let n = net("198.18.0.0/16");
+        let (kv, keys) = pool(n);
+        // Eight hosts' plugins, taking in turns.
+        let mut hosts: Vec<Allocator<&MemKv>> = (0..8).map(|_| Allocator::new(&kv)).collect();
+        let start = kv.calls.get();
+        for i in 0..1000 {
+            for host in hosts.iter_mut() {
+                host.take_any(
+                    &keys,
+                    n,
+                    &owner(&format!("02:42:00:00:{:02x}:{:02x}", i >> 8, i & 0xff)),
+                )
+                .unwrap();
+            }
+        }
+        // A miss read the window around the address missed, where another host was taking
+        // its candidates: the two then shared them and missed again (1.07 calls a take
+        // here). Now about 1.01.
+        let per_take = (kv.calls.get() - start) as f64 / 8000.0;
+        assert!(per_take < 1.035, "{per_take:.3} calls a take");
     }
 
     #[test]
