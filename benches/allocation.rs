@@ -7,8 +7,9 @@
 //!   compare-and-swap transaction on a kept-alive connection of the same client;
 //! - etcd requests per release (and per allocation), counted by etcd itself from its /metrics;
 //! - 8 plugin processes with one client each on the /16 against 8 threads each sending bare
-//!   transactions on a connection of its own, and whether any address was handed out twice
-//!   or is not recorded in etcd for the container it went to;
+//!   transactions on a connection of its own, each kind for a fixed time per round; etcd
+//!   requests per allocation there; and whether any address was handed out twice or is not
+//!   recorded in etcd for the container it went to;
 //! - `ip-range` of a /16 against bulk puts of the same keys, 128 to a transaction (one before
 //!   it, one after); its re-run;
 //! - the plugin's resident memory after 10,000 allocations; start to socket-ready;
@@ -47,10 +48,13 @@ const PER_ROUND: usize = 100;
 const ROUNDS: usize = 5;
 /// Calls of each kind sent and thrown away before timing (first connections, caches).
 const WARM_UP: usize = 10;
-/// Throughput: processes (and clients), allocations per client per round, rounds.
+/// Throughput: processes (and clients); how long each kind sends in a round, and rounds.
 const PROCESSES: usize = 8;
-const PER_CLIENT: usize = 50;
-const RATE_ROUNDS: usize = 6;
+const RATE_SPAN: Duration = Duration::from_millis(250);
+const RATE_ROUNDS: usize = 8;
+/// Addresses each bare connection is given to take in the rate test, and each latency test's
+/// bare transactions (the rate test takes about 700 a connection).
+const BARE_SLICE: usize = 2_500;
 /// Allocations before the plugin's resident memory is read, and the connections sending them.
 const RSS_ALLOCATIONS: usize = 10_000;
 const RSS_CLIENTS: usize = 4;
@@ -530,6 +534,43 @@ fn all_at_once<P: Send, T: Send>(
     })
 }
 
+/// Runs `work` over and over on one thread for each of `parties`, all started at once, until
+/// `span` has passed; how long until the last one stopped, and what each call returned. A
+/// rate is what they did in that time: with a fixed number of calls each instead, the clock
+/// waited for the slowest party, and one process the scheduler left behind stretched the
+/// whole round.
+fn for_a_while<P: Send, T: Send>(
+    parties: &mut [P],
+    span: Duration,
+    work: impl Fn(&mut P) -> T + Sync,
+) -> (Duration, Vec<T>) {
+    let start = Barrier::new(parties.len() + 1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = parties
+            .iter_mut()
+            .map(|p| {
+                let (start, work) = (&start, &work);
+                scope.spawn(move || {
+                    start.wait();
+                    let t = Instant::now();
+                    let mut out = Vec::new();
+                    while t.elapsed() < span {
+                        out.push(work(p));
+                    }
+                    out
+                })
+            })
+            .collect();
+        start.wait();
+        let t = Instant::now();
+        let out: Vec<T> = handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a benchmark thread"))
+            .collect();
+        (t.elapsed(), out)
+    })
+}
+
 struct Throughput {
     plugin: f64,
     in_process: f64,
@@ -538,6 +579,8 @@ struct Throughput {
     given: usize,
     duplicates: usize,
     unrecorded: usize,
+    /// etcd requests per allocation through the plugins, counted by etcd.
+    plugin_requests: f64,
 }
 
 /// `PROCESSES` plugin processes with a client each, as many threads with the allocator
@@ -576,36 +619,40 @@ fn throughput(
     bare.iter_mut().for_each(Bare::txn);
     bare.iter_mut().for_each(Bare::take);
 
-    let mut time = [Duration::ZERO; 4];
+    let (mut time, mut calls) = ([Duration::ZERO; 4], [0usize; 4]);
+    let mut plugin_requests = 0;
     for round in 0..RATE_ROUNDS {
         for k in 0..4 {
-            match (round + k) % 4 {
+            let kind = (round + k) % 4;
+            let before = etcd_requests(&etcd.url);
+            let (t, n) = match kind {
                 0 => {
-                    let (t, got) = all_at_once(&mut clients, |c| {
-                        (0..PER_CLIENT)
-                            .map(|_| request_address(c, pool))
-                            .collect::<Vec<_>>()
-                    });
-                    time[0] += t;
-                    given.extend(got.into_iter().flatten());
+                    let (t, got) =
+                        for_a_while(&mut clients, RATE_SPAN, |c| request_address(c, pool));
+                    let n = got.len();
+                    given.extend(got);
+                    plugin_requests += etcd_requests(&etcd.url) - before;
+                    (t, n)
                 }
                 1 => {
-                    time[1] += all_at_once(&mut own, |o| {
-                        (0..PER_CLIENT).for_each(|_| {
-                            o.take();
-                        })
-                    })
-                    .0
+                    let (t, got) = for_a_while(&mut own, RATE_SPAN, InProcess::take);
+                    (t, got.len())
                 }
                 2 => {
-                    time[2] += all_at_once(&mut bare, |b| (0..PER_CLIENT).for_each(|_| b.take())).0
+                    let (t, got) = for_a_while(&mut bare, RATE_SPAN, Bare::take);
+                    (t, got.len())
                 }
-                _ => time[3] += all_at_once(&mut bare, |b| (0..PER_CLIENT).for_each(|_| b.txn())).0,
-            }
+                _ => {
+                    let (t, got) = for_a_while(&mut bare, RATE_SPAN, Bare::txn);
+                    (t, got.len())
+                }
+            };
+            time[kind] += t;
+            calls[kind] += n;
         }
     }
-    let n = (RATE_ROUNDS * PROCESSES * PER_CLIENT) as f64;
-    let [plugin, in_process, same_time, cas_time] = time.map(|t| n / t.as_secs_f64());
+    let rate = |kind: usize| calls[kind] as f64 / time[kind].as_secs_f64();
+    let [plugin, in_process, same_time, cas_time] = [0, 1, 2, 3].map(rate);
 
     let keys = Layout::new(prefix).containers(pool.net.network());
     let recorded: HashMap<String, Option<Owner>> = bare[0]
@@ -631,6 +678,7 @@ fn throughput(
         given: given.len(),
         duplicates: given.len() - distinct.len(),
         unrecorded,
+        plugin_requests: plugin_requests as f64 / calls[0] as f64,
     }
 }
 
@@ -930,12 +978,7 @@ fn main() {
     ip_range(&etcd.url, &small_own, &small);
 
     // The bare transactions' own pool: the second bulk put's.
-    let mut same = same_slices(
-        &same_prefix,
-        &big,
-        2 + PROCESSES,
-        2 * RATE_ROUNDS * PER_CLIENT,
-    );
+    let mut same = same_slices(&same_prefix, &big, 2 + PROCESSES, BARE_SLICE);
     let rate_same = same.split_off(2);
     let (same16, same24) = (same.pop().expect("slice"), same.pop().expect("slice"));
     let l24 = latency(&etcd, (&small_prefix, &small_own), &small, &dir, same24);
@@ -987,6 +1030,10 @@ fn main() {
         )
         .goal("0, 0", rate.duplicates == 0 && rate.unrecorded == 0),
     );
+    rows.push(row(
+        format!("etcd requests per allocation, {PROCESSES} processes, /16 pool"),
+        format!("{:.3}", rate.plugin_requests),
+    ));
     let ratio = first.as_secs_f64() / floor.as_secs_f64();
     rows.push(
         row(
@@ -1033,10 +1080,11 @@ fn main() {
     ));
 
     println!(
-        "{} RequestAddress and ReleaseAddress per pool and {} rounds of {PROCESSES} x {PER_CLIENT} \
-         allocations, plugin, allocator and bare txn taking turns:",
+        "{} RequestAddress and ReleaseAddress per pool and {} rounds of {} ms of allocations \
+         on {PROCESSES} connections, plugin, allocator and bare txn taking turns:",
         ROUNDS * PER_ROUND,
-        RATE_ROUNDS
+        RATE_ROUNDS,
+        RATE_SPAN.as_millis()
     );
     println!();
     println!("| measure | plugin | allocator in-process (/ bare) | bare txn, same run | plugin / bare | goal | met |");
