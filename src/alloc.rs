@@ -1028,6 +1028,7 @@ mod tests {
     use super::*;
     use crate::kv::memory::{Fault, MemKv};
     use crate::layout::Layout;
+    use std::cell::{Cell, RefCell};
     use std::collections::HashSet;
 
     fn net(s: &str) -> Ipv4Net {
@@ -1157,6 +1158,79 @@ mod tests {
         // here). Now about 1.01.
         let per_take = (kv.calls.get() - start) as f64 / 8000.0;
         assert!(per_take < 1.035, "{per_take:.3} calls a take");
+    }
+
+    /// A store on which `meanwhile` runs before each call (numbered from 1), as other hosts
+    /// would between two requests of one allocation; it sees the range a plain read asks for.
+    struct Meanwhile<'a, F: FnMut(u32, Option<&Range>, &MemKv)> {
+        kv: &'a MemKv,
+        calls: Cell<u32>,
+        meanwhile: RefCell<F>,
+    }
+
+    impl<'a, F: FnMut(u32, Option<&Range>, &MemKv)> Meanwhile<'a, F> {
+        fn new(kv: &'a MemKv, meanwhile: F) -> Meanwhile<'a, F> {
+            Meanwhile {
+                kv,
+                calls: Cell::new(0),
+                meanwhile: RefCell::new(meanwhile),
+            }
+        }
+
+        fn next(&self, range: Option<&Range>) {
+            self.calls.set(self.calls.get() + 1);
+            (self.meanwhile.borrow_mut())(self.calls.get(), range, self.kv);
+        }
+    }
+
+    impl<F: FnMut(u32, Option<&Range>, &MemKv)> Kv for Meanwhile<'_, F> {
+        fn range(&self, range: &Range) -> Result<Vec<KeyValue>, StoreError> {
+            self.next(Some(range));
+            self.kv.range(range)
+        }
+        fn txn(&self, txn: &Txn) -> Result<TxnOutcome, StoreError> {
+            self.next(None);
+            self.kv.txn(txn)
+        }
+    }
+
+    /// Another host's taking of `addr`.
+    fn held_by_another(keys: &PoolKeys, addr: Ipv4Addr) -> Txn {
+        take_txn(
+            keys,
+            addr,
+            &Owner::new(Role::Container, "h2", "02:42:00:00:09:09", "x").to_json(),
+        )
+    }
+
+    /// Another host's release of `addr`.
+    fn freed_by_another(keys: &PoolKeys, addr: Ipv4Addr) -> Txn {
+        move_back_txn(keys, addr, Compare::Exists(keys.assigned(addr)), vec![])
+    }
+
+    #[test]
+    fn a_miss_on_an_address_freed_meanwhile_does_not_report_a_pool_that_never_filled_exhausted() {
+        // A /24 with one free address F; this server remembers X as a candidate, which another
+        // host took since. Between this server's miss on X and its read, that host releases X
+        // and a third takes F: one address is free at every revision, X when the read runs.
+        let n = net("192.0.2.0/24");
+        let (kv, keys) = pool(n);
+        let (x, f) = (a("192.0.2.10"), a("192.0.2.200"));
+        for addr in n.hosts().filter(|addr| *addr != f) {
+            assert!(kv.txn(&held_by_another(&keys, addr)).unwrap().succeeded);
+        }
+        let store = Meanwhile::new(&kv, |call, _, kv: &MemKv| {
+            if call == 2 {
+                assert!(kv.txn(&freed_by_another(&keys, x)).unwrap().succeeded);
+                assert!(kv.txn(&held_by_another(&keys, f)).unwrap().succeeded);
+            }
+        });
+        let mut alloc = Allocator::new(&store);
+        alloc.candidates.insert(keys.pool_dir.clone(), vec![x]);
+        // The read finds X free in pool/, but X is struck from the window's free keys and the
+        // pool is then scanned everywhere but that window (this pool's only one): "no free
+        // address left". Before 089cf77 the same; since, only where the random window is X's.
+        assert_eq!(alloc.take_any(&keys, n, &owner("02:42:00:00:00:01")), Ok(x));
     }
 
     #[test]
