@@ -1234,6 +1234,61 @@ mod tests {
     }
 
     #[test]
+    fn a_scan_that_moves_past_a_freed_address_does_not_report_a_pool_that_never_filled_exhausted() {
+        // An ip-range /16 pool: F (the lowest key) is free, 198.18.C.7 is held by another host
+        // in every other window C. This server misses on X (taken since it was remembered),
+        // its random window is empty, and so is the scan after it; before the scan before it,
+        // another host releases the .7 of that window (read empty already) and a third takes
+        // F. One address is free at every revision; the scans, at two revisions, see none.
+        let n = net("198.18.0.0/16");
+        let kv = MemKv::new();
+        let keys = Layout::new("/t").containers(n.network());
+        let config = crate::pools::json(&crate::layout::ContainerConfig::new(n));
+        let (f, x) = (a("198.18.0.1"), a("198.18.100.10"));
+        for op in [Op::put(&keys.config, config), Op::put(keys.pool(f), "")] {
+            kv.txn(&Txn {
+                success: vec![op],
+                ..Txn::default()
+            })
+            .unwrap();
+        }
+        for addr in (1..=255).map(|c| Ipv4Addr::new(198, 18, c, 7)).chain([x]) {
+            for txn in [
+                Txn {
+                    success: vec![Op::put(keys.pool(addr), "")],
+                    ..Txn::default()
+                },
+                held_by_another(&keys, addr),
+            ] {
+                kv.txn(&txn).unwrap();
+            }
+        }
+        let raced = Cell::new(None);
+        let store = Meanwhile::new(&kv, |_, range: Option<&Range>, kv: &MemKv| {
+            let Some(range) = range.filter(|r| r.start == keys.pool_dir) else {
+                return;
+            };
+            // The scan before the window: range.end is the window's first key.
+            let c: u8 = range.end[keys.pool_dir.len()..]
+                .split('.')
+                .nth(2)
+                .and_then(|c| c.parse().ok())
+                .unwrap();
+            let freed = Ipv4Addr::new(198, 18, c, 7);
+            assert!(kv.txn(&freed_by_another(&keys, freed)).unwrap().succeeded);
+            assert!(kv.txn(&held_by_another(&keys, f)).unwrap().succeeded);
+            raced.set(Some(freed));
+        });
+        let mut alloc = Allocator::new(&store);
+        // A fixed seed, whose random window is not F's (which would find F at once).
+        alloc.rng = 0x5eed_0001;
+        alloc.candidates.insert(keys.pool_dir.clone(), vec![x]);
+        let got = alloc.take_any(&keys, n, &owner("02:42:00:00:00:01"));
+        let freed = raced.get().expect("the scan before the window ran");
+        assert_eq!(got, Ok(freed));
+    }
+
+    #[test]
     fn allocators_sharing_an_ip_range_of_one_slash_24_in_a_slash_16_miss_no_dearer_than_before() {
         // `ip-range --ip-start 198.18.200.1/16 --ip-end 198.18.200.254/16`: the pool's network
         // is the /16, its free keys one window of it. Eight hosts take 200 in turns; five
