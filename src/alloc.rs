@@ -449,9 +449,9 @@ impl<K: Kv> Allocator<K> {
 
     /// Takes a random free address of the pool for `owner`.
     ///
-    /// One transaction tries a candidate; if it is gone, the same transaction's failure branch
-    /// reads the free keys near it (a window bounded to one /24 of keys, so the cost does not
-    /// grow with the pool) and the next attempt picks among those.
+    /// One transaction tries a candidate; if it misses, one read takes why, and the free keys
+    /// of two windows (each at most one /24 of keys, so the cost does not grow with the
+    /// pool); the next attempt picks among those.
     pub fn take_any(
         &mut self,
         keys: &PoolKeys,
@@ -465,25 +465,43 @@ impl<K: Kv> Allocator<K> {
                 break;
             }
             let addr = self.candidate(keys, net);
-            // Should it miss, new candidates come from a window picked at random, not from
-            // around the address missed: taken addresses lie mostly where other allocators
-            // (other hosts) are taking their own candidates, and following them there made
-            // them collide again and again (8 allocators on a /16: 1.07-1.19 requests each).
-            let elsewhere = self.guess(net);
-            let (window_start, window_end) = window(keys, elsewhere);
-            let nearby = Range::between(&window_start, &window_end)
-                .limit(WINDOW_LIMIT)
-                .keys_only();
-            let Some(miss) = self.try_take(keys, addr, &value, Some(nearby), deadline)? else {
+            // Should it miss, new candidates come first from a window picked at random, not
+            // from around the address missed: taken addresses lie mostly where other hosts
+            // are taking their own candidates, and following them there made them collide
+            // again and again (8 allocators on a /16: 1.07-1.19 requests each). The missed
+            // address's own window is read too, for pools whose free keys lie in a few windows
+            // only (an ip-range of one /24 in a /16), where a random one is mostly empty.
+            let elsewhere = window(keys, self.guess(net));
+            let own = window(keys, addr);
+            let mut windows = vec![elsewhere.clone()];
+            if own != elsewhere {
+                windows.push(own);
+            }
+            let reads: Vec<Range> = windows
+                .iter()
+                .map(|(start, end)| Range::between(start, end).limit(WINDOW_LIMIT).keys_only())
+                .collect();
+            let Some(miss) = self.try_take(keys, addr, &value, reads, deadline)? else {
                 return Ok(addr);
             };
             if miss.pool_gone() {
                 return Err(AllocError::PoolRemoved { net });
             }
-            let mut free = addrs_of(keys, miss.nearby());
-            free.retain(|a| *a != addr);
+            // The address missed is no candidate unless the read found it free again (given
+            // back since): an address both free and assigned would be missed forever.
+            let free_again = miss.free() && miss.held().is_none();
+            let mut free = Vec::new();
+            for i in 0..windows.len() {
+                free = addrs_of(keys, miss.window(i));
+                if !free_again {
+                    free.retain(|a| *a != addr);
+                }
+                if !free.is_empty() {
+                    break;
+                }
+            }
             if free.is_empty() {
-                free = self.scan_pool(keys, &window_start, &window_end)?;
+                free = self.scan_pool(keys, &elsewhere)?;
                 if free.is_empty() {
                     return Err(AllocError::Exhausted { net });
                 }
@@ -507,7 +525,7 @@ impl<K: Kv> Allocator<K> {
         keys: &PoolKeys,
         addr: Ipv4Addr,
         value: &str,
-        nearby: Option<Range>,
+        windows: Vec<Range>,
         deadline: Instant,
     ) -> Result<Option<Miss>, AllocError> {
         let txn = take_txn(keys, addr, value);
@@ -529,7 +547,7 @@ impl<K: Kv> Allocator<K> {
                     Op::Range(Range::key(keys.pool(addr)).keys_only()),
                     Op::Range(Range::key(&keys.config).keys_only()),
                 ],
-                nearby.into_iter().map(Op::Range).collect(),
+                windows.into_iter().map(Op::Range).collect(),
             ]
             .concat(),
             ..Txn::default()
@@ -559,7 +577,7 @@ impl<K: Kv> Allocator<K> {
     ) -> Result<Exact, AllocError> {
         let deadline = Instant::now() + self.time_limit;
         for _ in 0..MAX_ATTEMPTS {
-            let Some(miss) = self.try_take(keys, addr, value, None, deadline)? else {
+            let Some(miss) = self.try_take(keys, addr, value, Vec::new(), deadline)? else {
                 return Ok(Exact::Taken);
             };
             if miss.pool_gone() {
@@ -578,23 +596,35 @@ impl<K: Kv> Allocator<K> {
         })
     }
 
-    /// Free keys anywhere in the pool, after the empty window first and then before it. Each
-    /// read costs what the free keys in it cost, and `pool/` holds only free addresses.
+    /// Free keys anywhere in the pool, in one read: those after `window`, or else those from
+    /// the pool's first key through `window`. One read is one revision, so an empty answer
+    /// means the pool was full at that moment (two reads could each miss an address that
+    /// moved between them). Each range costs what the free keys in it cost, and `pool/` holds
+    /// only free addresses.
     fn scan_pool(
         &self,
         keys: &PoolKeys,
-        window_start: &str,
-        window_end: &str,
+        (_, window_end): &(String, String),
     ) -> Result<Vec<Ipv4Addr>, AllocError> {
         let after = Range::between(window_end, prefix_end(&keys.pool_dir));
-        let before = Range::between(&keys.pool_dir, window_start);
-        for range in [after, before] {
-            let found = self.kv.range(&range.limit(WINDOW_LIMIT).keys_only())?;
-            if !found.is_empty() {
-                return Ok(addrs_of(keys, &found));
-            }
-        }
-        Ok(Vec::new())
+        let through = Range::between(&keys.pool_dir, window_end);
+        let read = Txn {
+            success: [after, through]
+                .into_iter()
+                .map(|range| Op::Range(range.limit(WINDOW_LIMIT).keys_only()))
+                .collect(),
+            ..Txn::default()
+        };
+        // Reads only: one left unanswered changed nothing.
+        let found = self.kv.txn(&read).map_err(|e| match e {
+            StoreError::OutcomeUnknown(why) => StoreError::Unreachable(why),
+            e => e,
+        })?;
+        let free = [found.range(0), found.range(1)]
+            .into_iter()
+            .find(|kvs| !kvs.is_empty())
+            .unwrap_or_default();
+        Ok(addrs_of(keys, free))
     }
 
     /// Takes exactly `addr` for `owner`. Asking again for an address the same owner already
@@ -997,9 +1027,9 @@ impl Miss {
         self.found.range(2).is_empty()
     }
 
-    /// The free keys read near the address; none when they were not asked for.
-    fn nearby(&self) -> &[KeyValue] {
-        self.found.range(3)
+    /// The free keys of the `i`th window read; none when it was not asked for.
+    fn window(&self, i: usize) -> &[KeyValue] {
+        self.found.range(3 + i)
     }
 }
 
@@ -1189,7 +1219,12 @@ mod tests {
             self.kv.range(range)
         }
         fn txn(&self, txn: &Txn) -> Result<TxnOutcome, StoreError> {
-            self.next(None);
+            // A read in a transaction shows its last range.
+            let last_range = txn.success.iter().rev().find_map(|op| match op {
+                Op::Range(range) => Some(range),
+                _ => None,
+            });
+            self.next(last_range);
             self.kv.txn(txn)
         }
     }
@@ -1236,10 +1271,11 @@ mod tests {
     #[test]
     fn a_scan_that_moves_past_a_freed_address_does_not_report_a_pool_that_never_filled_exhausted() {
         // An ip-range /16 pool: F (the lowest key) is free, 198.18.C.7 is held by another host
-        // in every other window C. This server misses on X (taken since it was remembered),
-        // its random window is empty, and so is the scan after it; before the scan before it,
-        // another host releases the .7 of that window (read empty already) and a third takes
-        // F. One address is free at every revision; the scans, at two revisions, see none.
+        // in every other window C. This server misses on X (taken since it was remembered);
+        // its random window and X's are empty. Before the scan of the pool, another host
+        // releases the .7 of the random window (read empty already) and a third takes F. One
+        // address is free at every revision. A scan in two reads (after the window, then
+        // before it) saw none and answered "exhausted"; one read through the window sees it.
         let n = net("198.18.0.0/16");
         let kv = MemKv::new();
         let keys = Layout::new("/t").containers(n.network());
@@ -1268,9 +1304,10 @@ mod tests {
             let Some(range) = range.filter(|r| r.start == keys.pool_dir) else {
                 return;
             };
-            // The scan before the window: range.end is the window's first key.
+            // The scan through the window (its last range runs from the pool's first key to
+            // the window's end): range.end names the window.
             let c: u8 = range.end[keys.pool_dir.len()..]
-                .split('.')
+                .split(['.', '/'])
                 .nth(2)
                 .and_then(|c| c.parse().ok())
                 .unwrap();
@@ -1284,7 +1321,7 @@ mod tests {
         alloc.rng = 0x5eed_0001;
         alloc.candidates.insert(keys.pool_dir.clone(), vec![x]);
         let got = alloc.take_any(&keys, n, &owner("02:42:00:00:00:01"));
-        let freed = raced.get().expect("the scan before the window ran");
+        let freed = raced.get().expect("the scan of the pool ran");
         assert_eq!(got, Ok(freed));
     }
 
