@@ -547,32 +547,16 @@ fn for_a_while<P: Send, T: Send>(
     span: Duration,
     work: impl Fn(&mut P) -> T + Sync,
 ) -> (Duration, Vec<T>) {
-    let start = Barrier::new(parties.len() + 1);
     let deadline = std::sync::OnceLock::new();
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = parties
-            .iter_mut()
-            .map(|p| {
-                let (start, work, deadline) = (&start, &work, &deadline);
-                scope.spawn(move || {
-                    start.wait();
-                    let until = *deadline.get_or_init(|| Instant::now() + span);
-                    let mut out = Vec::new();
-                    while Instant::now() < until {
-                        out.push(work(p));
-                    }
-                    out
-                })
-            })
-            .collect();
-        start.wait();
-        let t = Instant::now();
-        let out: Vec<T> = handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("a benchmark thread"))
-            .collect();
-        (t.elapsed(), out)
-    })
+    let (took, each) = all_at_once(parties, |p| {
+        let until = *deadline.get_or_init(|| Instant::now() + span);
+        let mut out = Vec::new();
+        while Instant::now() < until {
+            out.push(work(p));
+        }
+        out
+    });
+    (took, each.into_iter().flatten().collect())
 }
 
 struct Throughput {
