@@ -471,17 +471,19 @@ impl<K: Kv> Allocator<K> {
             // again and again (8 allocators on a /16: 1.07-1.19 requests each). The missed
             // address's own window is read too, for pools whose free keys lie in a few windows
             // only (an ip-range of one /24 in a /16), where a random one is mostly empty.
-            let elsewhere = window(keys, self.guess(net));
-            let own = window(keys, addr);
-            let mut windows = vec![elsewhere.clone()];
-            if own != elsewhere {
-                windows.push(own);
-            }
-            let reads: Vec<Range> = windows
-                .iter()
-                .map(|(start, end)| Range::between(start, end).limit(WINDOW_LIMIT).keys_only())
-                .collect();
-            let Some(miss) = self.try_take(keys, addr, &value, reads, deadline)? else {
+            // Their keys are only written out on a miss, off the common path.
+            let elsewhere = self.guess(net);
+            let windows = || {
+                let mut windows = vec![window(keys, elsewhere)];
+                if !same_window(elsewhere, addr) {
+                    windows.push(window(keys, addr));
+                }
+                windows
+                    .into_iter()
+                    .map(|(start, end)| Range::between(start, end).limit(WINDOW_LIMIT).keys_only())
+                    .collect()
+            };
+            let Some(miss) = self.try_take(keys, addr, &value, windows, deadline)? else {
                 return Ok(addr);
             };
             if miss.pool_gone() {
@@ -491,7 +493,7 @@ impl<K: Kv> Allocator<K> {
             // back since): an address both free and assigned would be missed forever.
             let free_again = miss.free() && miss.held().is_none();
             let mut free = Vec::new();
-            for i in 0..windows.len() {
+            for i in 0..miss.windows() {
                 free = addrs_of(keys, miss.window(i));
                 if !free_again {
                     free.retain(|a| *a != addr);
@@ -501,7 +503,7 @@ impl<K: Kv> Allocator<K> {
                 }
             }
             if free.is_empty() {
-                free = self.scan_pool(keys, &elsewhere)?;
+                free = self.scan_pool(keys, &window(keys, elsewhere))?;
                 if free.is_empty() {
                     return Err(AllocError::Exhausted { net });
                 }
@@ -525,7 +527,7 @@ impl<K: Kv> Allocator<K> {
         keys: &PoolKeys,
         addr: Ipv4Addr,
         value: &str,
-        windows: Vec<Range>,
+        windows: impl FnOnce() -> Vec<Range>,
         deadline: Instant,
     ) -> Result<Option<Miss>, AllocError> {
         let txn = take_txn(keys, addr, value);
@@ -547,7 +549,7 @@ impl<K: Kv> Allocator<K> {
                     Op::Range(Range::key(keys.pool(addr)).keys_only()),
                     Op::Range(Range::key(&keys.config).keys_only()),
                 ],
-                windows.into_iter().map(Op::Range).collect(),
+                windows().into_iter().map(Op::Range).collect(),
             ]
             .concat(),
             ..Txn::default()
@@ -577,7 +579,7 @@ impl<K: Kv> Allocator<K> {
     ) -> Result<Exact, AllocError> {
         let deadline = Instant::now() + self.time_limit;
         for _ in 0..MAX_ATTEMPTS {
-            let Some(miss) = self.try_take(keys, addr, value, Vec::new(), deadline)? else {
+            let Some(miss) = self.try_take(keys, addr, value, Vec::new, deadline)? else {
                 return Ok(Exact::Taken);
             };
             if miss.pool_gone() {
@@ -1027,6 +1029,11 @@ impl Miss {
         self.found.range(2).is_empty()
     }
 
+    /// How many windows were read after the address's record and the config.
+    fn windows(&self) -> usize {
+        self.found.ranges.len().saturating_sub(3)
+    }
+
     /// The free keys of the `i`th window read; none when it was not asked for.
     fn window(&self, i: usize) -> &[KeyValue] {
         self.found.range(3 + i)
@@ -1047,6 +1054,11 @@ fn window(keys: &PoolKeys, addr: Ipv4Addr) -> (String, String) {
     let start = format!("{}{a}.{b}.{c}.", keys.pool_dir);
     let end = prefix_end(&start);
     (start, end)
+}
+
+/// Whether `a` and `b` share a window (their first three octets).
+fn same_window(a: Ipv4Addr, b: Ipv4Addr) -> bool {
+    a.octets()[..3] == b.octets()[..3]
 }
 
 fn addrs_of(keys: &PoolKeys, kvs: &[KeyValue]) -> Vec<Ipv4Addr> {
