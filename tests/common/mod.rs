@@ -41,6 +41,12 @@ impl Drop for TempDir {
     }
 }
 
+/// `url` (`scheme://host:port`) with another port.
+fn on_port(url: &str, port: u16) -> String {
+    let host = url.rsplit_once(':').map_or(url, |(host, _)| host);
+    format!("{host}:{port}")
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .expect("bind a free port")
@@ -149,7 +155,7 @@ impl Etcd {
     pub fn start_v2_also_on(tag: &str, addr: &str) -> Etcd {
         let mut etcd = Etcd::prepare(tag, "--enable-v2=true");
         etcd.also_on = Some(addr.into());
-        etcd.run();
+        etcd.run_first();
         etcd
     }
 
@@ -161,7 +167,7 @@ impl Etcd {
 
     fn start_with(tag: &str, extra: &str) -> Etcd {
         let mut etcd = Etcd::prepare(tag, extra);
-        etcd.run();
+        etcd.run_first();
         etcd
     }
 
@@ -199,7 +205,7 @@ impl Etcd {
             key: pki.dir.join("client.key"),
             root_password: None,
         });
-        etcd.run();
+        etcd.run_first();
         let root_password = format!("root-{}", std::process::id());
         etcd.etcdctl_stdin(
             &["user", "add", "root", "--interactive=false"],
@@ -284,7 +290,35 @@ impl Etcd {
         SHARED.get_or_init(|| Etcd::start("shared"))
     }
 
+    /// The first start: the ports were free when `free_port` looked, but a connection of
+    /// another test may take one as its own (ephemeral) port before etcd binds it; then etcd
+    /// says so in its log and exits, and it is started again on other ports. A restart keeps
+    /// its ports (its clients know them).
+    fn run_first(&mut self) {
+        for _ in 0..4 {
+            match self.try_run() {
+                Ok(()) => return,
+                Err(log) if log.contains("address already in use") => {
+                    self.stop();
+                    let _ = std::fs::remove_file(self.dir.join("log"));
+                    let _ = std::fs::remove_dir_all(self.dir.join("data"));
+                    self.url = on_port(&self.url, free_port());
+                    self.peer_url = on_port(&self.peer_url, free_port());
+                }
+                Err(log) => panic!("etcd did not become healthy at {}:\n{log}", self.url),
+            }
+        }
+        panic!("etcd found its ports taken four times in a row");
+    }
+
     fn run(&mut self) {
+        if let Err(log) = self.try_run() {
+            panic!("etcd did not become healthy at {}:\n{log}", self.url);
+        }
+    }
+
+    /// Starts etcd and waits until it is healthy; its log if it is not within 20 s or exits.
+    fn try_run(&mut self) -> Result<(), String> {
         assert!(
             Command::new("etcd")
                 .arg("--version")
@@ -321,12 +355,19 @@ impl Etcd {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if self.healthy() {
-                return;
+                return Ok(());
+            }
+            // The watchdog ends when etcd does.
+            if self
+                .watchdog
+                .as_mut()
+                .is_some_and(|w| w.try_wait().ok().flatten().is_some())
+            {
+                break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
-        panic!("etcd did not become healthy at {}:\n{log}", self.url);
+        Err(std::fs::read_to_string(self.dir.join("log")).unwrap_or_default())
     }
 
     /// Stops etcd (by its PID) and waits for it to exit; the data stays for `restart`.
