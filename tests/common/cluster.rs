@@ -46,8 +46,26 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts `size` members (`m1`, `m2`, ...) and waits until they have a leader.
+    /// Starts `size` members (`m1`, `m2`, ...) and waits until they have a leader. Should a
+    /// port that was free when `free_port` looked be taken before its member binds it (an
+    /// outgoing connection of another test can get it), the cluster starts anew on other
+    /// ports, up to four times.
     pub fn start(tag: &str, size: usize) -> Cluster {
+        for _ in 0..4 {
+            let mut cluster = Cluster::on_free_ports(tag, size);
+            for i in 0..size {
+                cluster.spawn(i);
+            }
+            if cluster.lost_a_port() {
+                continue;
+            }
+            cluster.wait_healthy();
+            return cluster;
+        }
+        panic!("etcd cluster found a port taken four times in a row");
+    }
+
+    fn on_free_ports(tag: &str, size: usize) -> Cluster {
         static N: AtomicU32 = AtomicU32::new(0);
         let token = format!(
             "oam-{tag}-{}-{}",
@@ -68,17 +86,36 @@ impl Cluster {
             .map(|m| format!("{}={}", m.name, m.peer_url))
             .collect::<Vec<_>>()
             .join(",");
-        let mut cluster = Cluster {
+        Cluster {
             members,
             initial_cluster,
             token,
             dir: TempDir::new(&format!("cluster-{tag}")),
-        };
-        for i in 0..size {
-            cluster.spawn(i);
         }
-        cluster.wait_healthy();
-        cluster
+    }
+
+    /// Whether a member exited, just started, because its address was in use; false once
+    /// every member answers, or after `START_LIMIT` (then `wait_healthy` says what is wrong).
+    fn lost_a_port(&mut self) -> bool {
+        let deadline = Instant::now() + START_LIMIT;
+        while Instant::now() < deadline {
+            for m in &mut self.members {
+                if let Some(Ok(Some(_))) = m.process.as_mut().map(Child::try_wait) {
+                    let log = std::fs::read_to_string(self.dir.join(&format!("{}.log", m.name)))
+                        .unwrap_or_default();
+                    return log.contains("address already in use");
+                }
+            }
+            let all_answer = self
+                .members
+                .iter()
+                .all(|m| get(&m.client_url, "/health").is_some());
+            if all_answer {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
     }
 
     /// Every member's client URL, comma-separated (as `--cluster-store` takes them).
