@@ -503,7 +503,7 @@ impl<K: Kv> Allocator<K> {
                 }
             }
             if free.is_empty() {
-                free = self.scan_pool(keys, &window(keys, elsewhere))?;
+                free = self.scan_pool(keys, &window(keys, elsewhere).1)?;
                 if free.is_empty() {
                     return Err(AllocError::Exhausted { net });
                 }
@@ -598,16 +598,12 @@ impl<K: Kv> Allocator<K> {
         })
     }
 
-    /// Free keys anywhere in the pool, in one read: those after `window`, or else those from
-    /// the pool's first key through `window`. One read is one revision, so an empty answer
+    /// Free keys anywhere in the pool, in one read: those from `window_end` on, or else those
+    /// from the pool's first key up to it. One read is one revision, so an empty answer
     /// means the pool was full at that moment (two reads could each miss an address that
     /// moved between them). Each range costs what the free keys in it cost, and `pool/` holds
     /// only free addresses.
-    fn scan_pool(
-        &self,
-        keys: &PoolKeys,
-        (_, window_end): &(String, String),
-    ) -> Result<Vec<Ipv4Addr>, AllocError> {
+    fn scan_pool(&self, keys: &PoolKeys, window_end: &str) -> Result<Vec<Ipv4Addr>, AllocError> {
         let after = Range::between(window_end, prefix_end(&keys.pool_dir));
         let through = Range::between(&keys.pool_dir, window_end);
         let read = Txn {

@@ -441,25 +441,34 @@ mod tests {
         assert_eq!(again.range(0)[0].value, "v");
     }
 
-    #[test]
-    fn memory_no_key_in_reads_start_to_end_exclusive() {
+    /// A store holding the key `a/5` alone.
+    fn holding_a5() -> MemKv {
         let kv = MemKv::new();
         kv.txn(&Txn {
             success: vec![Op::put("a/5", "")],
             ..Txn::default()
         })
         .unwrap();
-        let empty = |start: &str, end: &str| {
-            kv.txn(&Txn {
-                compares: vec![Compare::NoKeyIn {
-                    start: start.into(),
-                    end: end.into(),
-                }],
-                ..Txn::default()
-            })
-            .unwrap()
-            .succeeded
-        };
+        kv
+    }
+
+    /// Whether a transaction comparing `NoKeyIn { start, end }` succeeds on `kv`.
+    fn no_key_in(kv: &MemKv, start: &str, end: &str) -> bool {
+        kv.txn(&Txn {
+            compares: vec![Compare::NoKeyIn {
+                start: start.into(),
+                end: end.into(),
+            }],
+            ..Txn::default()
+        })
+        .unwrap()
+        .succeeded
+    }
+
+    #[test]
+    fn memory_no_key_in_reads_start_to_end_exclusive() {
+        let kv = holding_a5();
+        let empty = |start: &str, end: &str| no_key_in(&kv, start, end);
         assert!(!empty("a/1", "a/9"));
         assert!(!empty("a/5", "a/5\0"));
         assert!(empty("a/1", "a/5"));
@@ -474,23 +483,8 @@ mod tests {
     /// `NoKeyIn`'s `end` as it is: the in-memory store must answer the same, not "empty span".
     #[test]
     fn memory_no_key_in_with_an_empty_end_compares_the_start_key_as_etcd_does() {
-        let kv = MemKv::new();
-        kv.txn(&Txn {
-            success: vec![Op::put("a/5", "")],
-            ..Txn::default()
-        })
-        .unwrap();
-        let empty = |start: &str| {
-            kv.txn(&Txn {
-                compares: vec![Compare::NoKeyIn {
-                    start: start.into(),
-                    end: String::new(),
-                }],
-                ..Txn::default()
-            })
-            .unwrap()
-            .succeeded
-        };
+        let kv = holding_a5();
+        let empty = |start: &str| no_key_in(&kv, start, "");
         assert!(empty("a/1"));
         assert!(!empty("a/5"), "etcd finds a/5 there");
     }
